@@ -1,0 +1,139 @@
+"""Preset shapes, training lowers the loss, exact resume, the GAN path, config validation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vqtok.checkpoint import load_tokenizer, resolve_checkpoint
+from vqtok.config import load_config, preset
+from vqtok.data import StepBatchSampler, resolve_image_paths
+from vqtok.model import VQModel
+from vqtok.train import Trainer
+
+
+def test_chameleon_preset_maps_512_to_32x32_codes():
+    config = preset("chameleon")
+    assert config.model.channel_multipliers == (1, 1, 2, 2, 4) and config.model.base_channels == 128
+    assert config.quantizer.codebook_size == 8192 and config.quantizer.embed_dim == 256
+    model = VQModel(config).eval()
+    indices = model.encode(torch.rand(1, 3, 512, 512) * 2 - 1)
+    assert indices.shape == (1, 32, 32)
+    assert 0 <= int(indices.min()) and int(indices.max()) < 8192
+
+
+@pytest.mark.parametrize("name", ["small", "tiny"])
+def test_small_presets_round_trip_shapes(name):
+    config = preset(name)
+    model = VQModel(config).eval()
+    size = config.model.resolution
+    indices = model.encode(torch.rand(2, 3, size, size) * 2 - 1)
+    assert indices.shape == (2, config.model.grid_size, config.model.grid_size)
+    assert model.decode(indices).shape == (2, 3, size, size)
+    with pytest.raises(ValueError, match="multiple of the downsample factor"):
+        model.encode(torch.rand(1, 3, size + 1, size))
+
+
+def test_config_overrides_reject_unknown_keys(tmp_path):
+    config = preset("tiny").with_overrides({"train.lr": 0.5, "quantizer": {"codebook_size": 32}})
+    assert config.train.lr == 0.5 and config.quantizer.codebook_size == 32
+    with pytest.raises(ValueError, match="unknown config field 'train.learning_rate'"):
+        preset("tiny").with_overrides({"train.learning_rate": 1})
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"preset": "tiny", "model": {"resolution": 33}}))
+    with pytest.raises(ValueError, match="model.resolution=33"):
+        load_config(str(path))
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_config("missing-preset")
+    round_trip = type(config).from_dict(json.loads(config.to_json()))
+    assert round_trip == config
+
+
+def test_step_batches_are_a_function_of_step_and_split_across_ranks():
+    whole = StepBatchSampler(10, global_batch=4, steps=6, seed=3)
+    resumed = StepBatchSampler(10, global_batch=4, steps=6, seed=3, start_step=4)
+    assert list(resumed) == list(whole)[4:]
+    rank0 = StepBatchSampler(10, 4, 6, 3, rank=0, world_size=2)
+    rank1 = StepBatchSampler(10, 4, 6, 3, rank=1, world_size=2)
+    for step in range(6):
+        assert rank0.batch(step) + rank1.batch(step) == whole.batch(step)
+    first_epoch = [index for step in range(2) for index, _ in whole.batch(step)] + [i for i, _ in whole.batch(2)[:2]]
+    assert sorted(first_epoch) == list(range(10))  # every image once per epoch
+
+
+def _config(steps, **overrides):
+    return preset("tiny").with_overrides({"train.steps": steps, "train.checkpoint_every": 4, "train.sample_every": 100,
+                                          "train.log_every": 1, **overrides})
+
+
+def _losses(run):
+    return {row["step"]: row["loss"] for row in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+
+
+def test_training_lowers_the_loss(tmp_path, image_folder):
+    paths = resolve_image_paths(image_folder)
+    Trainer(_config(40, **{"train.log_every": 5}), tmp_path, paths, paths[:2]).train()
+    losses = _losses(tmp_path)
+    first, last = losses[5], min(losses[35], losses[40])
+    assert last < 0.8 * first, losses
+
+
+def test_resume_gives_identical_next_steps(tmp_path, image_folder):
+    paths = resolve_image_paths(image_folder)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    config = _config(8, **{"quantizer.kmeans_init": True})  # k-means + revival: RNG state must round-trip too
+    Trainer(config, straight, paths, []).train()
+    Trainer(config, resumed, paths, []).train(steps=4)  # stop after the step-4 checkpoint
+    trainer = Trainer(config, resumed, paths, [])
+    assert trainer.resume() and trainer.step == 4
+    trainer.train()
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == list(range(1, 9))  # no step logged twice
+    for step in range(5, 9):
+        assert b[step] == a[step], (step, a[step], b[step])
+    model_a, _ = load_tokenizer(straight)
+    model_b, _ = load_tokenizer(resumed)
+    for (name, tensor_a), tensor_b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(tensor_a, tensor_b), name
+
+
+def test_resume_refuses_a_different_model(tmp_path, image_folder):
+    paths = resolve_image_paths(image_folder)
+    Trainer(_config(4), tmp_path, paths, []).train()
+    other = _config(4, **{"quantizer.codebook_size": 32})
+    with pytest.raises(ValueError, match="config differs"):
+        Trainer(other, tmp_path, paths, []).resume()
+
+
+def test_adversarial_path_trains_discriminator_and_checkpoints_it(tmp_path, image_folder):
+    paths = resolve_image_paths(image_folder)
+    config = _config(4, **{"loss.adversarial_weight": 0.5, "loss.adversarial_start": 2, "loss.discriminator_channels": 8})
+    trainer = Trainer(config, tmp_path, paths, [])
+    disc_before = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "loss_discriminator" not in rows[0] and "loss_discriminator" in rows[-1]  # delayed start
+    assert rows[-1]["adaptive_weight"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, trainer.discriminator.parameters()))
+    again = Trainer(config, tmp_path, paths, [])
+    assert again.resume()
+    for a, b in zip(trainer.discriminator.state_dict().values(), again.discriminator.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        resolve_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a vqtok run directory"):
+        resolve_checkpoint(tmp_path / "empty")
+
+
+def test_checkpoint_writes_are_atomic(tiny_run):
+    directory = resolve_checkpoint(tiny_run)
+    assert directory.name == "step_00000008"
+    assert not list(tiny_run.glob("checkpoints/*.tmp"))
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta["tokenizer"]["codebook_size"] == 64 and len(meta["tokenizer"]["weights_sha256"]) == 64
+    assert (tiny_run / "samples" / "step_00000008.png").is_file()

@@ -1,0 +1,183 @@
+"""The `vqtok` command: train, encode, decode, eval.
+
+    vqtok train  --config small [--data DIR] [--steps N] --out RUN
+    vqtok encode IMAGES --ckpt RUN --out TOKENS
+    vqtok decode TOKENS --ckpt RUN --out DIR
+    vqtok eval   --ckpt RUN [--data DIR]
+
+Multi-process: launch the same command under torchrun (`torchrun --nproc_per_node N -m vqtok.cli encode ...`)
+or the deepspeed launcher; each process takes its share.
+Exit status: 0 success, 1 some input files could not be encoded (listed), 2 bad arguments or configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("vqtok")
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. train.lr=3e-4), got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .data import resolve_image_paths
+    from .distributed import setup_distributed, teardown_distributed
+    from .losses import build_lpips
+    from .train import Trainer
+
+    config = load_config(args.config)
+    overrides = _parse_overrides(args.set or [])
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+    if args.batch_size is not None:
+        overrides["train.batch_size"] = args.batch_size
+    if args.lpips_weights:
+        overrides["loss.lpips_weights"] = args.lpips_weights
+    config = config.with_overrides(overrides).validate() if overrides else config
+    train_paths = resolve_image_paths(args.data, "train")
+    sample_paths = resolve_image_paths(args.eval_data, "heldout") if args.eval_data or args.data is None else train_paths[:6]
+    context = setup_distributed(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lpips_model = None
+    if config.loss.perceptual_weight > 0:
+        lpips_model = build_lpips(config.loss.lpips_net, config.loss.lpips_weights)
+    try:
+        trainer = Trainer(config, out, train_paths, sample_paths, context, lpips_model)
+        if not args.restart and trainer.resume():
+            log.info("resuming at step %d of %d", trainer.step, config.train.steps)
+        if trainer.step >= config.train.steps:
+            log.info("%s already trained for %d steps; nothing to do", out, trainer.step)
+            return 0
+        if context.is_main:
+            (out / "config.json").write_text(config.to_json())
+        final = trainer.train()
+        if context.is_main:
+            print(json.dumps(final))
+    finally:
+        teardown_distributed()
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from .distributed import teardown_distributed
+    from .encode import encode_images
+
+    try:
+        summary = encode_images(args.images, args.ckpt, args.out, batch_size=args.batch_size, device=args.device,
+                                num_workers=args.workers, progress=not args.quiet)
+    finally:
+        teardown_distributed()
+    for failure in summary.failures:
+        print(f"FAILED {failure['source']}: {failure['reason']}", file=sys.stderr)
+    print(json.dumps({"encoded": summary.encoded, "skipped_already_encoded": summary.skipped,
+                      "failed": len(summary.failures), "images_in_store": summary.total_in_store,
+                      "seconds": round(summary.seconds, 3), "images_per_second": round(summary.images_per_second, 3)}))
+    return 1 if summary.failures else 0
+
+
+def cmd_decode(args) -> int:
+    from .distributed import teardown_distributed
+    from .encode import decode_store
+
+    try:
+        written = decode_store(args.tokens, args.ckpt, args.out, batch_size=args.batch_size, device=args.device,
+                               allow_other_tokenizer=args.allow_other_tokenizer, progress=not args.quiet)
+    finally:
+        teardown_distributed()
+    print(json.dumps({"written": written, "out": str(args.out)}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.ckpt, args.data, batch_size=args.batch_size, device=args.device or "cpu",
+                      lpips_weights=args.lpips_weights)
+    text = json.dumps(result, indent=2)
+    if args.json_out:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(args.json_out, text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqtok", description="VQ image tokenizer: train, encode, decode, eval.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a tokenizer")
+    train.add_argument("--config", default="small", help="preset (chameleon, small, tiny) or JSON file")
+    train.add_argument("--data", help="image folder (recursive); default: the embedded photo set")
+    train.add_argument("--eval-data", help="images for the periodic reconstruction grids")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--batch-size", type=int, help="per-process batch size")
+    train.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=3e-4")
+    train.add_argument("--lpips-weights", help="LPIPS trunk state dict (torchvision format)")
+    train.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    train.add_argument("--device")
+    train.set_defaults(func=cmd_train)
+
+    encode = sub.add_parser("encode", help="images -> token store")
+    encode.add_argument("images", help="image folder (recursive) or one image")
+    encode.add_argument("--ckpt", required=True, help="tokenizer run or checkpoint directory")
+    encode.add_argument("--out", required=True, help="token store directory (resumed if it exists)")
+    encode.add_argument("--batch-size", type=int, default=16)
+    encode.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    encode.add_argument("--device")
+    encode.add_argument("--quiet", action="store_true")
+    encode.set_defaults(func=cmd_encode)
+
+    decode = sub.add_parser("decode", help="token store -> PNGs")
+    decode.add_argument("tokens", help="token store directory")
+    decode.add_argument("--ckpt", required=True)
+    decode.add_argument("--out", required=True)
+    decode.add_argument("--batch-size", type=int, default=16)
+    decode.add_argument("--allow-other-tokenizer", action="store_true",
+                        help="decode even if the store was written by different tokenizer weights")
+    decode.add_argument("--device")
+    decode.add_argument("--quiet", action="store_true")
+    decode.set_defaults(func=cmd_decode)
+
+    evaluate = sub.add_parser("eval", help="PSNR / SSIM / codebook usage / LPIPS on held-out images")
+    evaluate.add_argument("--ckpt", required=True)
+    evaluate.add_argument("--data", help="image folder; default: the embedded held-out photos")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--lpips-weights")
+    evaluate.add_argument("--json-out", help="also write the metrics JSON here")
+    evaluate.add_argument("--device")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vqtok {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

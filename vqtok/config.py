@@ -1,0 +1,241 @@
+"""Typed configuration for the VQ tokenizer, with named presets in one registry.
+
+`chameleon` reproduces the shape of Chameleon's image tokenizer (Make-A-Scene VQGAN): 512x512 RGB -> 32x32 grid,
+codebook 8192 x 256, base channels 128, channel multipliers (1, 1, 2, 2, 4) i.e. downsampling factor 16.
+`small` is what trains usefully on a CPU in minutes; `tiny` exists for tests. A variant is a derived preset
+(`dataclasses.replace`), not a new flag. Overrides from JSON or the CLI reject unknown keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class ModelConfig:
+    """The convolutional encoder/decoder (taming-transformers' VQGAN layout)."""
+
+    resolution: int = 256  # side of the square image the tokenizer sees at encode time, pixels
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 4)  # one entry per resolution level
+    num_res_blocks: int = 2
+    z_channels: int = 256  # encoder output width before the quantizer
+    attention_at_lowest: bool = True  # self-attention block(s) at the lowest resolution
+    dropout: float = 0.0
+    num_groups: int = 32  # GroupNorm groups (capped by channel count)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side for a `resolution`-sized image."""
+        return self.resolution // self.downsample_factor
+
+
+@dataclass
+class QuantizerConfig:
+    """Options of vector-quantize-pytorch's VectorQuantize that keep a large codebook alive.
+
+    - plain VQ: codebook learned by gradient, no EMA (`ema=False`); vector-quantize-pytorch then applies
+      `commitment_weight * ||z - q||^2` with gradients to both the encoder and the codebook;
+    - EMA + k-means init + dead-code revival (`ema=True, kmeans_init=True, dead_code_threshold>0`);
+    - LlamaGen's l2-normalised low-dimensional lookup (`codebook_dim=8, l2_normalized=True`).
+    """
+
+    codebook_size: int = 8192
+    embed_dim: int = 256  # width of the quantized latent fed to the decoder
+    codebook_dim: int | None = None  # low-dim lookup space (LlamaGen: 8); None = embed_dim, no projection
+    l2_normalized: bool = False  # cosine-similarity lookup on l2-normalised codes
+    ema: bool = True  # EMA codebook updates; False = codebook learned by gradient (codebook loss)
+    ema_decay: float = 0.99
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    # Codes whose EMA cluster size (expected assignments per step) falls below this are revived from the batch
+    # (0 = off). Must sit well below tokens_per_step / codebook_size, or every code is "dead" every step.
+    dead_code_threshold: float = 2.0
+    commitment_weight: float = 0.25
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 1.0  # LPIPS; silently 0 (with one warning) when no trunk weights exist
+    lpips_net: str = "vgg"
+    lpips_weights: str | None = None  # path to the trunk's torchvision state dict; else the torch hub cache
+    adversarial_weight: float = 0.0  # 0 disables the PatchGAN discriminator
+    adversarial_start: int = 10_000  # step at which the discriminator starts (delayed start)
+    discriminator_layers: int = 3
+    discriminator_channels: int = 64
+    adaptive_weight_max: float = 1e4
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8
+    crop_size: int = 256  # training crops, pixels (the model is fully convolutional)
+    scale_range: tuple[float, float] = (1.0, 1.5)  # shorter side resized to resolution * U(range) before the crop
+    lr: float = 1e-4
+    discriminator_lr: float | None = None  # None = lr
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio over `steps` (1.0 = constant)
+    grad_clip: float = 1.0
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    keep_checkpoints: int = 2
+    usage_window: int = 65_536  # rolling window of code indices for usage / perplexity
+    num_workers: int = 0
+    bf16_on_cuda: bool = True
+
+
+@dataclass
+class VQConfig:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VQConfig":
+        return _build(cls, data, "config")
+
+    def with_overrides(self, overrides: dict) -> "VQConfig":
+        """Apply nested overrides such as {"train": {"lr": 3e-4}} or {"train.lr": 3e-4}; unknown keys are errors."""
+        merged = self.to_dict()
+        for key, value in overrides.items():
+            parts = key.split(".")
+            target = merged
+            for part in parts[:-1]:
+                if part not in target or not isinstance(target[part], dict):
+                    raise ValueError(f"unknown config field {key!r}")
+                target = target[part]
+            if parts[-1] not in target:
+                raise ValueError(f"unknown config field {key!r}")
+            if isinstance(target[parts[-1]], dict) and isinstance(value, dict):
+                target[parts[-1]] = {**target[parts[-1]], **value}
+            else:
+                target[parts[-1]] = value
+        return VQConfig.from_dict(merged)
+
+    def validate(self) -> "VQConfig":
+        m, q, t = self.model, self.quantizer, self.train
+        problems = []
+        if m.resolution % m.downsample_factor:
+            problems.append(f"model.resolution={m.resolution} is not a multiple of the downsample factor {m.downsample_factor}")
+        if t.crop_size % m.downsample_factor:
+            problems.append(f"train.crop_size={t.crop_size} is not a multiple of the downsample factor {m.downsample_factor}")
+        if q.codebook_size < 2:
+            problems.append(f"quantizer.codebook_size={q.codebook_size} must be >= 2")
+        if q.codebook_dim is not None and q.codebook_dim < 1:
+            problems.append(f"quantizer.codebook_dim={q.codebook_dim} must be positive")
+        if not m.channel_multipliers:
+            problems.append("model.channel_multipliers must not be empty")
+        if t.batch_size < 1 or t.steps < 0:
+            problems.append("train.batch_size must be >= 1 and train.steps >= 0")
+        if problems:
+            raise ValueError("invalid vqtok config: " + "; ".join(problems))
+        return self
+
+
+def _build(cls, data: dict, where: str):
+    """Recursively build a dataclass from a dict, rejecting unknown keys and converting lists to tuples."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if name in known else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _chameleon() -> VQConfig:
+    return VQConfig(
+        name="chameleon",
+        model=ModelConfig(resolution=512, base_channels=128, channel_multipliers=(1, 1, 2, 2, 4), num_res_blocks=2,
+                          z_channels=256),
+        quantizer=QuantizerConfig(codebook_size=8192, embed_dim=256),
+        loss=LossConfig(adversarial_weight=0.1, adversarial_start=20_000),
+        train=TrainConfig(batch_size=8, crop_size=256, lr=1e-4, steps=100_000, checkpoint_every=2000,
+                          sample_every=1000),
+    )
+
+
+def _small() -> VQConfig:
+    # f8 (three downsamplings): 256x256 -> 32x32 tokens, Chameleon's grid at half its resolution; narrow enough
+    # to train on a CPU. Codes are looked up in an l2-normalised 8-d space (LlamaGen) with EMA updates.
+    # 8 crops x 8x8 tokens = 512 assignments per step over 8192 codes (0.0625 per code on average), so the
+    # EMA decays fast (0.9) and the revival threshold sits at a sixth of the average.
+    return VQConfig(
+        name="small",
+        model=ModelConfig(resolution=256, base_channels=32, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1,
+                          z_channels=64, num_groups=8),
+        quantizer=QuantizerConfig(codebook_size=8192, embed_dim=64, codebook_dim=8, l2_normalized=True,
+                                  ema=True, ema_decay=0.9, kmeans_init=True, dead_code_threshold=0.01),
+        loss=LossConfig(lpips_net="vgg"),
+        train=TrainConfig(batch_size=8, crop_size=64, scale_range=(1.0, 2.0), lr=3e-4, warmup_steps=25,
+                          steps=1500, log_every=25, checkpoint_every=250, sample_every=250),
+    )
+
+
+def _tiny() -> VQConfig:
+    return VQConfig(
+        name="tiny",
+        model=ModelConfig(resolution=32, base_channels=16, channel_multipliers=(1, 2), num_res_blocks=1,
+                          z_channels=16, num_groups=4),
+        quantizer=QuantizerConfig(codebook_size=64, embed_dim=16, codebook_dim=4, l2_normalized=True,
+                                  kmeans_init=False, dead_code_threshold=0.5),
+        loss=LossConfig(perceptual_weight=0.0),
+        train=TrainConfig(batch_size=4, crop_size=32, lr=1e-3, steps=20, log_every=1, checkpoint_every=10,
+                          sample_every=10, usage_window=1024),
+    )
+
+
+PRESETS = {"chameleon": _chameleon, "small": _small, "tiny": _tiny}
+
+
+def preset(name: str) -> VQConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown vqtok preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def load_config(name_or_path: str) -> VQConfig:
+    """A preset name, or a JSON file holding a full config or {"preset": NAME, ...overrides}."""
+    if name_or_path in PRESETS:
+        return preset(name_or_path).validate()
+    try:
+        with open(name_or_path) as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"--config {name_or_path!r} is neither a preset {sorted(PRESETS)} nor an existing JSON file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {name_or_path}: invalid JSON ({err})") from None
+    if "preset" in data:
+        base = preset(data.pop("preset"))
+        return base.with_overrides(data).validate()
+    return VQConfig.from_dict(data).validate()

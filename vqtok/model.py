@@ -1,0 +1,193 @@
+"""VQGAN-style image tokenizer: conv encoder -> quantizer -> conv decoder.
+
+Layout follows taming-transformers' VQGAN (Esser et al. 2021), which Chameleon's tokenizer (Gafni et al. 2022,
+Make-A-Scene) also uses: residual blocks with GroupNorm + swish, strided-conv downsampling, nearest-neighbour
+upsampling, one self-attention block at the lowest resolution (in the middle of encoder and decoder), and 1x1
+convs into/out of the quantizer space. Fully convolutional, so any multiple of the downsample factor works.
+
+    image (B, 3, H, W) in [-1, 1]
+      -> Encoder -> (B, z_channels, H/f, W/f) -> quant_conv -> (B, embed_dim, h, w)
+      -> VectorQuantizer -> indices (B, h, w) and quantized latents
+      -> post_quant_conv -> Decoder -> reconstruction (B, 3, H, W)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, QuantizerConfig, VQConfig
+from .quantizer import VectorQuantizer
+
+
+def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+    groups = min(num_groups, channels)
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, num_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, num_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all h*w positions (only used at the lowest resolution)."""
+
+    def __init__(self, channels: int, num_groups: int):
+        super().__init__()
+        self.norm = group_norm(channels, num_groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, hw, C)
+        return x + self.proj(out.transpose(-1, -2).reshape(batch, channels, height, width))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # taming's asymmetric pad keeps H/2 exactly
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def middle(channels: int, config: ModelConfig) -> nn.Sequential:
+    attention = [AttnBlock(channels, config.num_groups)] if config.attention_at_lowest else []
+    return nn.Sequential(ResBlock(channels, channels, config.num_groups, config.dropout), *attention,
+                         ResBlock(channels, channels, config.num_groups, config.dropout))
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> (B, z_channels, H/f, W/f)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        widths = [config.base_channels * m for m in config.channel_multipliers]
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        layers, in_width = [], widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(config.num_res_blocks):
+                layers.append(ResBlock(in_width, width, config.num_groups, config.dropout))
+                in_width = width
+            if level != len(widths) - 1:
+                layers.append(Downsample(width))
+        self.down = nn.Sequential(*layers)
+        self.mid = middle(in_width, config)
+        self.norm_out = group_norm(in_width, config.num_groups)
+        self.conv_out = nn.Conv2d(in_width, config.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.down(self.conv_in(x)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """(B, z_channels, h, w) -> (B, 3, h*f, w*f)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        widths = [config.base_channels * m for m in config.channel_multipliers]
+        in_width = widths[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, in_width, 3, padding=1)
+        self.mid = middle(in_width, config)
+        layers = []
+        for level in reversed(range(len(widths))):
+            for _ in range(config.num_res_blocks + 1):
+                layers.append(ResBlock(in_width, widths[level], config.num_groups, config.dropout))
+                in_width = widths[level]
+            if level != 0:
+                layers.append(Upsample(in_width))
+        self.up = nn.Sequential(*layers)
+        self.norm_out = group_norm(in_width, config.num_groups)
+        self.conv_out = nn.Conv2d(in_width, config.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.mid(self.conv_in(z)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VQOutput(NamedTuple):
+    reconstruction: torch.Tensor  # (B, 3, H, W)
+    indices: torch.Tensor  # (B, h, w) int64
+    commitment_loss: torch.Tensor  # scalar
+
+
+class VQModel(nn.Module):
+    def __init__(self, config: VQConfig):
+        super().__init__()
+        self.config = config
+        model: ModelConfig = config.model
+        quant: QuantizerConfig = config.quantizer
+        self.encoder = Encoder(model)
+        self.quant_conv = nn.Conv2d(model.z_channels, quant.embed_dim, 1)
+        self.quantizer = VectorQuantizer(quant)
+        self.post_quant_conv = nn.Conv2d(quant.embed_dim, model.z_channels, 1)
+        self.decoder = Decoder(model)
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.model.downsample_factor
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.quantizer.codebook_size
+
+    def forward(self, images: torch.Tensor) -> VQOutput:
+        """Training path: images (B, 3, H, W) in [-1, 1]."""
+        self._check_images(images)
+        quantized = self.quantizer(self.quant_conv(self.encoder(images)))
+        return VQOutput(self.decode_latents(quantized.quantized), quantized.indices, quantized.commitment_loss)
+
+    def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(quantized))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference: images (B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f) int64."""
+        self._check_images(images)
+        return self.quantizer.indices(self.quant_conv(self.encoder(images)))
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, h, w) -> images (B, 3, h*f, w*f) in about [-1, 1]."""
+        return self.decode_latents(self.quantizer.embed(indices))
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        factor = self.downsample_factor
+        if images.ndim != 4 or images.shape[1] != self.config.model.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.config.model.in_channels}, H, W), got {tuple(images.shape)}")
+        if images.shape[2] % factor or images.shape[3] % factor:
+            raise ValueError(f"image size {tuple(images.shape[2:])} is not a multiple of the downsample factor {factor}")
+
+    @property
+    def last_decoder_layer(self) -> torch.Tensor:
+        """Weight the adaptive GAN weight differentiates through (taming: decoder.conv_out.weight)."""
+        return self.decoder.conv_out.weight
