@@ -1,7 +1,7 @@
 """Benchmark the tokenizer: quantizer settings side by side, and encode throughput per preset.
 
     python scripts/bench_vqtok.py --out runs/bench_vqtok            # full: 3 settings x (short, long) + throughput
-    python scripts/bench_vqtok.py --short 200 --long 600 --settings plain,ema,l2_lowdim
+    python scripts/bench_vqtok.py --short 200 --long 600 --settings plain,ema,l2_lowdim --permute-channels 1
 
 For each quantizer setting, trains the `small` preset on the embedded training photos for `--long` steps
 (checkpoints kept at every `--short` steps), then evaluates the `--short` and `--long` checkpoints on the
@@ -30,21 +30,27 @@ from vqtok.train import Trainer
 SETTINGS = {
     "plain": {"quantizer.ema": False, "quantizer.kmeans_init": False, "quantizer.dead_code_threshold": 0.0,
               "quantizer.codebook_dim": None, "quantizer.l2_normalized": False},
-    "ema": {"quantizer.ema": True, "quantizer.kmeans_init": True, "quantizer.codebook_dim": None,
-            "quantizer.l2_normalized": False},
-    "l2_lowdim": {},  # the small preset's default: l2-normalised 8-d codes + EMA + k-means + revival
+    "ema": {"quantizer.ema": True, "quantizer.kmeans_init": True, "quantizer.dead_code_threshold": 0.01,
+            "quantizer.codebook_dim": None, "quantizer.l2_normalized": False},
+    "l2_lowdim": {"quantizer.ema": True, "quantizer.kmeans_init": True, "quantizer.dead_code_threshold": 0.01,
+                  "quantizer.codebook_dim": 8, "quantizer.l2_normalized": True},
 }
 DESCRIPTIONS = {
-    "plain": "plain VQ (learned codebook, no EMA / k-means / revival), 64-d",
+    "plain": "plain VQ (codebook learned by gradient; no EMA / k-means / revival), 64-d",
     "ema": "EMA + k-means init + dead-code revival, 64-d",
-    "l2_lowdim": "l2-normalised 8-d lookup + EMA + k-means + revival (default)",
+    "l2_lowdim": "l2-normalised 8-d lookup (LlamaGen) + EMA + k-means + revival",
 }
 
 
-def train_setting(name: str, out: Path, short: int, long: int) -> dict:
+def is_default(name: str) -> bool:
+    return preset("small").with_overrides(SETTINGS[name]).quantizer == preset("small").quantizer
+
+
+def train_setting(name: str, out: Path, short: int, long: int, permute_channels: bool) -> dict:
     run = out / name
     config = preset("small").with_overrides({**SETTINGS[name], "train.steps": long, "train.checkpoint_every": short,
-                                              "train.sample_every": short, "train.keep_checkpoints": 100})
+                                              "train.sample_every": short, "train.keep_checkpoints": 100,
+                                              "train.permute_channels": permute_channels})
     trainer = Trainer(config, run, default_photo_paths("train"), default_photo_paths("heldout"))
     trainer.resume()
     start = time.perf_counter()
@@ -58,7 +64,8 @@ def train_setting(name: str, out: Path, short: int, long: int) -> dict:
         results[steps] = {"psnr": metrics["psnr"], "ssim": metrics["ssim"], "eval_usage": metrics["codebook_usage"],
                           "eval_usage_bound": metrics["usage_upper_bound"], "eval_perplexity": metrics["code_perplexity"],
                           "train_window_usage": window["codebook_usage"], "train_window_perplexity": window["code_perplexity"]}
-    return {"setting": name, "description": DESCRIPTIONS[name], "train_seconds_this_run": seconds, "results": results}
+    description = DESCRIPTIONS[name] + (" **(small preset default)**" if is_default(name) else "")
+    return {"setting": name, "description": description, "train_seconds_this_run": seconds, "results": results}
 
 
 @torch.no_grad()
@@ -79,7 +86,8 @@ def encode_throughput(name: str, batch_size: int, repeats: int, device: str) -> 
 
 
 def markdown(results: dict) -> str:
-    lines = ["| quantizer setting | steps | PSNR (dB) | SSIM | eval usage (bound) | eval perplexity | train-window usage | train-window perplexity |",
+    lines = [f"Training crops with random RGB channel permutation: {'yes' if results['permute_channels'] else 'no'}", "",
+             "| quantizer setting | steps | PSNR (dB) | SSIM | eval usage (bound) | eval perplexity | train-window usage | train-window perplexity |",
              "|---|---|---|---|---|---|---|---|"]
     for entry in results["settings"]:
         for steps, r in entry["results"].items():
@@ -101,15 +109,17 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-training", action="store_true", help="throughput only")
+    parser.add_argument("--permute-channels", type=int, choices=(0, 1), default=int(preset("small").train.permute_channels),
+                        help="colour augmentation: random RGB channel order per training crop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-               "settings": [], "throughput": []}
+               "permute_channels": bool(args.permute_channels), "settings": [], "throughput": []}
     if not args.skip_training:
         for name in args.settings.split(","):
-            results["settings"].append(train_setting(name, out, args.short, args.long))
+            results["settings"].append(train_setting(name, out, args.short, args.long, bool(args.permute_channels)))
             atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     results["throughput"] = [encode_throughput("small", 8, 3, args.device), encode_throughput("chameleon", 1, 2, args.device)]
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))

@@ -38,6 +38,9 @@ def test_train_via_cli_and_resume(tmp_path, image_folder, capsys):
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert code == 0 and steps == [1, 2, 3, 4, 5]
     assert (run / "latest").read_text().strip() == "checkpoints/step_00000005"
+    code, _, _ = run_cli(capsys, "train", "--config", "tiny", "--data", image_folder, "--steps", 2, "--out", run, "--restart")
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert code == 0 and steps == [1, 2] and (run / "latest").read_text().strip() == "checkpoints/step_00000002"
 
 
 def test_bad_arguments_exit_2_with_named_field(tmp_path, capsys):
@@ -108,3 +111,31 @@ def test_eval_reports_metrics_json(tmp_path, tiny_run, image_folder, capsys):
     assert 5 < result["psnr"] < 60 and -1 <= result["ssim"] <= 1
     assert 0 < result["codebook_usage"] <= 1 and 1 <= result["code_perplexity"] <= 64
     assert result["lpips"] is None and "no real trunk weights" in result["lpips_note"]
+
+
+def test_interrupted_encode_loses_only_the_batch_in_flight(tmp_path, tiny_run, image_folder, monkeypatch):
+    from vqtok import encode as encode_module
+    from vqtok.token_store import ShardWriter
+
+    real_append, calls = ShardWriter.append, []
+
+    def append_then_die(self, sources, codes):
+        calls.append(len(sources))
+        if len(calls) == 3:  # die after writing this batch's tokens but before its index lines
+            self._tokens.write(codes.astype(self.dtype).tobytes())
+            self._tokens.flush()
+            raise KeyboardInterrupt
+        real_append(self, sources, codes)
+
+    monkeypatch.setattr(ShardWriter, "append", append_then_die)
+    tokens = tmp_path / "tokens"
+    with pytest.raises(KeyboardInterrupt):
+        encode_module.encode_images(image_folder, tiny_run, tokens, batch_size=2, progress=False)
+    assert len(TokenStore(tokens)) == 4  # two complete batches survive, the third is lost
+    monkeypatch.setattr(ShardWriter, "append", real_append)
+    summary = encode_module.encode_images(image_folder, tiny_run, tokens, batch_size=2, progress=False)
+    assert summary.skipped == 4 and summary.encoded == 8
+    store = TokenStore(tokens)
+    assert len(store) == 12 and len(set(store.sources)) == 12
+    shard = tokens / "shards" / "rank00000-00000.tokens"
+    assert shard.stat().st_size == 12 * 256 * 2  # the stray tokens of the lost batch were dropped

@@ -37,6 +37,8 @@ def test_encode_two_processes_one_manifest(tmp_path, tiny_run, image_folder):
     tokens = tmp_path / "tokens"
     result = torchrun("encode", image_folder, "--ckpt", tiny_run, "--out", tokens, "--batch-size", 4, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["encoded"] == 12  # rank 0 reports for both ranks
     store = TokenStore(tokens)
     assert len(store) == 12 and len(set(store.sources)) == 12
     manifest = json.loads((tokens / "manifest.json").read_text())

@@ -137,3 +137,32 @@ def test_checkpoint_writes_are_atomic(tiny_run):
     meta = json.loads((directory / "meta.json").read_text())
     assert meta["tokenizer"]["codebook_size"] == 64 and len(meta["tokenizer"]["weights_sha256"]) == 64
     assert (tiny_run / "samples" / "step_00000008.png").is_file()
+
+
+def test_training_with_lpips_uses_the_perceptual_term(tmp_path, image_folder):
+    from vqtok.losses import build_lpips
+
+    paths = resolve_image_paths(image_folder)
+    config = _config(2, **{"loss.perceptual_weight": 1.0})
+    Trainer(config, tmp_path, paths, [], lpips_model=build_lpips("alex", allow_random_trunk=True)).train()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(row["loss_perceptual"] > 0 for row in rows)
+    assert rows[-1]["loss"] > rows[-1]["loss_reconstruction"] + rows[-1]["loss_perceptual"] * 0.99
+
+
+def test_crops_are_reproducible_and_channel_permutation_moves_colours(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vqtok.data import CropDataset
+
+    red = np.zeros((80, 120, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    Image.fromarray(red).save(tmp_path / "red.png")
+    plain = CropDataset([tmp_path / "red.png"], resolution=32, crop_size=32)
+    permuted = CropDataset([tmp_path / "red.png"], resolution=32, crop_size=32, permute_channels=True)
+    assert torch.equal(permuted[(0, 7)], permuted[(0, 7)])  # same (index, seed) -> same crop
+    assert plain[(0, 3)].shape == (3, 32, 32)
+    bright_channels = {int(permuted[(0, seed)].mean(dim=(1, 2)).argmax()) for seed in range(30)}
+    assert bright_channels == {0, 1, 2}
+    assert {int(plain[(0, seed)].mean(dim=(1, 2)).argmax()) for seed in range(10)} == {0}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
 def cmd_train(args) -> int:
     from .config import load_config
     from .data import resolve_image_paths
-    from .distributed import setup_distributed, teardown_distributed
+    from .distributed import setup_distributed
     from .losses import build_lpips
     from .train import Trainer
 
@@ -57,32 +58,31 @@ def cmd_train(args) -> int:
     lpips_model = None
     if config.loss.perceptual_weight > 0:
         lpips_model = build_lpips(config.loss.lpips_net, config.loss.lpips_weights)
-    try:
-        trainer = Trainer(config, out, train_paths, sample_paths, context, lpips_model)
-        if not args.restart and trainer.resume():
-            log.info("resuming at step %d of %d", trainer.step, config.train.steps)
-        if trainer.step >= config.train.steps:
-            log.info("%s already trained for %d steps; nothing to do", out, trainer.step)
-            return 0
-        if context.is_main:
-            (out / "config.json").write_text(config.to_json())
-        final = trainer.train()
-        if context.is_main:
-            print(json.dumps(final))
-    finally:
-        teardown_distributed()
+    if args.restart and context.is_main:
+        for stale in ("latest", "log.jsonl", "replicas.json", "checkpoints", "samples"):
+            shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+    context.barrier()
+    trainer = Trainer(config, out, train_paths, sample_paths, context, lpips_model)
+    if trainer.resume():
+        log.info("resuming at step %d of %d", trainer.step, config.train.steps)
+    if trainer.step >= config.train.steps:
+        log.info("%s already trained for %d steps; nothing to do", out, trainer.step)
+        return 0
+    if context.is_main:
+        (out / "config.json").write_text(config.to_json())
+    final = trainer.train()
+    if context.is_main:
+        print(json.dumps(final))
     return 0
 
 
 def cmd_encode(args) -> int:
-    from .distributed import teardown_distributed
     from .encode import encode_images
 
-    try:
-        summary = encode_images(args.images, args.ckpt, args.out, batch_size=args.batch_size, device=args.device,
-                                num_workers=args.workers, progress=not args.quiet)
-    finally:
-        teardown_distributed()
+    summary = encode_images(args.images, args.ckpt, args.out, batch_size=args.batch_size, device=args.device,
+                            num_workers=args.workers, progress=not args.quiet)
+    if summary.rank != 0:  # rank 0 reports for everyone (its failure list is read from the merged manifest)
+        return 1 if summary.failures else 0
     for failure in summary.failures:
         print(f"FAILED {failure['source']}: {failure['reason']}", file=sys.stderr)
     print(json.dumps({"encoded": summary.encoded, "skipped_already_encoded": summary.skipped,
@@ -92,14 +92,10 @@ def cmd_encode(args) -> int:
 
 
 def cmd_decode(args) -> int:
-    from .distributed import teardown_distributed
     from .encode import decode_store
 
-    try:
-        written = decode_store(args.tokens, args.ckpt, args.out, batch_size=args.batch_size, device=args.device,
-                               allow_other_tokenizer=args.allow_other_tokenizer, progress=not args.quiet)
-    finally:
-        teardown_distributed()
+    written = decode_store(args.tokens, args.ckpt, args.out, batch_size=args.batch_size, device=args.device,
+                           allow_other_tokenizer=args.allow_other_tokenizer, progress=not args.quiet)
     print(json.dumps({"written": written, "out": str(args.out)}))
     return 0
 
@@ -132,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=3e-4")
     train.add_argument("--lpips-weights", help="LPIPS trunk state dict (torchvision format)")
-    train.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    train.add_argument("--restart", action="store_true", help="delete the checkpoints, log and samples in --out and start from step 0")
     train.add_argument("--device")
     train.set_defaults(func=cmd_train)
 
@@ -172,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from .distributed import teardown_distributed
+
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"vqtok {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -64,20 +64,24 @@ def resolve_image_paths(data: str | os.PathLike | None, split: str = "train") ->
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Random training crops: shorter side resized to resolution * U(scale_range), random crop, random h-flip.
+    """Random training crops: shorter side resized to resolution * U(scale_range), random crop, random h-flip,
+    and (optionally) a random RGB channel permutation, which multiplies the colours a small photo set covers
+    (a reconstruction objective has no reason to prefer the original channel order).
 
     Items are requested as (image_index, augmentation_seed) pairs so the crop is reproducible. Decoded,
     pre-shrunk images are cached per worker (bounded) because photos are decoded far more often than they
     change. Bad files are logged once and replaced by the next usable image, never crash a long run.
     """
 
-    def __init__(self, paths: list[Path], resolution: int, crop_size: int, scale_range=(1.0, 1.5), cache_images: int = 256):
+    def __init__(self, paths: list[Path], resolution: int, crop_size: int, scale_range=(1.0, 1.5),
+                 permute_channels: bool = False, cache_images: int = 256):
         if not paths:
             raise ValueError("CropDataset needs at least one image")
         self.paths = list(paths)
         self.resolution = resolution
         self.crop_size = crop_size
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.permute_channels = permute_channels
         self.bad: set[int] = set()
         self._decode = lru_cache(maxsize=cache_images)(self._decode_uncached)
 
@@ -116,6 +120,8 @@ class CropDataset(torch.utils.data.Dataset):
         crop = image[top : top + self.crop_size, left : left + self.crop_size]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
+        if self.permute_channels:
+            crop = crop[..., rng.permutation(3)]
         return to_tensor(crop)
 
 

@@ -31,6 +31,7 @@ class EncodeSummary:
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     total_in_store: int = 0
+    rank: int = 0  # the process that produced this summary; rank 0's covers every rank
 
     @property
     def images_per_second(self) -> float:
@@ -80,7 +81,7 @@ def encode_images(images: str | os.PathLike, ckpt: str | os.PathLike, out: str |
     context.barrier()
     todo = [(p, s) for p, s in zip(paths, sources) if s not in done]
     mine = todo[context.rank :: context.world_size]
-    summary = EncodeSummary(skipped=len(paths) - len(todo))
+    summary = EncodeSummary(skipped=len(paths) - len(todo), rank=context.rank)
     dataset = _EncodeDataset([p for p, _ in mine], [s for _, s in mine], resolution)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     bar = _Progress(len(mine), progress and context.is_main)
@@ -100,7 +101,10 @@ def encode_images(images: str | os.PathLike, ckpt: str | os.PathLike, out: str |
         bar.close()
         writer.close()
     write_failures(out, context.rank, summary.failures)
-    context.barrier()
+    if context.enabled:  # rank 0 reports the whole job
+        count = torch.tensor([summary.encoded])
+        torch.distributed.all_reduce(count)
+        summary.encoded = int(count)
     summary.seconds = time.perf_counter() - start
     if context.is_main:
         manifest = write_manifest(out, context.world_size, {"source_root": str(root.resolve()), "resolution": resolution})

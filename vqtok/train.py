@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -58,7 +57,8 @@ class Trainer:
         self.optimizer = self._adamw(self.model.parameters(), config.train.lr)
         self.disc_optimizer = (self._adamw(self.discriminator.parameters(), config.train.discriminator_lr or config.train.lr)
                                if self.discriminator is not None else None)
-        self.dataset = CropDataset(train_paths, config.model.resolution, config.train.crop_size, config.train.scale_range)
+        self.dataset = CropDataset(train_paths, config.model.resolution, config.train.crop_size, config.train.scale_range,
+                                   config.train.permute_channels)
         self.sample_paths = sample_paths
         self.usage = RollingCodeUsage(config.quantizer.codebook_size, config.train.usage_window)
         self.step = 0
@@ -100,15 +100,16 @@ class Trainer:
                                    start_step=self.step, rank=self.context.rank, world_size=self.context.world_size)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=train.num_workers,
                                              persistent_workers=False)
-        last = {}
+        last, window = {}, []
         tick = time.perf_counter()
         for images in loader:
-            metrics = self.train_step(images.to(self.device, non_blocking=True))
+            window.append(self.train_step(images.to(self.device, non_blocking=True)))
             self.step += 1
             if self.step % train.log_every == 0 or self.step == total:
                 elapsed = time.perf_counter() - tick
                 tick = time.perf_counter()
-                last = self._log(metrics, elapsed / train.log_every)
+                last = self._log(window, elapsed / len(window))
+                window = []
             if self.step % train.sample_every == 0 or self.step == total:
                 self.save_samples()
             if self.step % train.checkpoint_every == 0 or self.step == total:
@@ -202,8 +203,11 @@ class Trainer:
         log.info("codebook initialised by k-means on %d vectors", sum(z.numel() // z.shape[1] for z in latents))
 
     # ----------------------------------------------------------------- logging and samples
-    def _log(self, metrics: dict, seconds_per_step: float) -> dict:
-        record = {"step": self.step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}
+    def _log(self, window: list[dict], seconds_per_step: float) -> dict:
+        """One JSONL row per `log_every` steps: each metric averaged over the steps since the last row."""
+        names = {name for metrics in window for name in metrics}
+        averages = {name: sum(m[name] for m in window if name in m) / sum(name in m for m in window) for name in names}
+        record = {"step": self.step, "lr": window[-1]["lr"], **{k: round(v, 6) for k, v in sorted(averages.items()) if k != "lr"}}
         stats = self.usage.statistics()
         record.update(codebook_usage=round(stats["usage"], 5), code_perplexity=round(stats["perplexity"], 2),
                       usage_window_tokens=stats["tokens"], seconds_per_step=round(seconds_per_step, 4),
@@ -237,7 +241,7 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        meta = {"optimizer": description, "python_random": random.getstate()[1][-1]}
+        meta = {"optimizer": description}
         if self.discriminator is not None:
             disc_tensors, disc_description = flatten_optimizer(self.disc_optimizer, "disc_optimizer")
             tensors.update(disc_tensors)
