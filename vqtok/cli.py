@@ -103,7 +103,7 @@ def cmd_decode(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    result = evaluate(args.ckpt, args.data, batch_size=args.batch_size, device=args.device or "cpu",
+    result = evaluate(args.ckpt, args.data, batch_size=args.batch_size, device=args.device,
                       lpips_weights=args.lpips_weights)
     text = json.dumps(result, indent=2)
     if args.json_out:

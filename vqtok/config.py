@@ -113,10 +113,10 @@ class VQConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VQConfig":
+    def from_dict(cls, data: dict) -> VQConfig:
         return _build(cls, data, "config")
 
-    def with_overrides(self, overrides: dict) -> "VQConfig":
+    def with_overrides(self, overrides: dict) -> VQConfig:
         """Apply nested overrides such as {"train": {"lr": 3e-4}} or {"train.lr": 3e-4}; unknown keys are errors."""
         merged = self.to_dict()
         for key, value in overrides.items():
@@ -134,7 +134,7 @@ class VQConfig:
                 target[parts[-1]] = value
         return VQConfig.from_dict(merged)
 
-    def validate(self) -> "VQConfig":
+    def validate(self) -> VQConfig:
         m, q, t = self.model, self.quantizer, self.train
         problems = []
         if m.resolution % m.downsample_factor:

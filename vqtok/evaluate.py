@@ -19,7 +19,8 @@ from .metrics import code_statistics, psnr, ssim
 
 @torch.no_grad()
 def evaluate(ckpt: str | os.PathLike, data: str | os.PathLike | None = None, batch_size: int = 8,
-             device: str = "cpu", lpips_weights: str | None = None, lpips_net: str = "vgg") -> dict:
+             device: str | None = None, lpips_weights: str | None = None, lpips_net: str = "vgg") -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_tokenizer(ckpt, device)
     paths = resolve_image_paths(data, split="heldout")
     images, kept, bad = load_eval_images(paths, model.config.model.resolution)
