@@ -64,7 +64,7 @@ def train_setting(name: str, out: Path, short: int, long: int, permute_channels:
         results[steps] = {"psnr": metrics["psnr"], "ssim": metrics["ssim"], "eval_usage": metrics["codebook_usage"],
                           "eval_usage_bound": metrics["usage_upper_bound"], "eval_perplexity": metrics["code_perplexity"],
                           "train_window_usage": window["codebook_usage"], "train_window_perplexity": window["code_perplexity"]}
-    description = DESCRIPTIONS[name] + (" **(small preset default)**" if is_default(name) else "")
+    description = DESCRIPTIONS[name] + (" **(the small preset's quantizer)**" if is_default(name) else "")
     return {"setting": name, "description": description, "train_seconds_this_run": seconds, "results": results}
 
 

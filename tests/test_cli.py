@@ -99,6 +99,8 @@ def test_decode_refuses_another_tokenizer(tmp_path, tiny_run, image_folder, caps
     assert run_cli(capsys, "train", "--config", "tiny", "--data", image_folder, "--steps", 1, "--out", other)[0] == 0
     code, _, err = run_cli(capsys, "decode", tokens, "--ckpt", other, "--out", tmp_path / "d")
     assert code == 2 and "was written by tokenizer weights" in err
+    code, out, _ = run_cli(capsys, "decode", tokens, "--ckpt", other, "--out", tmp_path / "d", "--allow-other-tokenizer", "--quiet")
+    assert code == 0 and json.loads(out)["written"] == 12  # same codebook size: allowed when asked for
     code, _, err = run_cli(capsys, "encode", image_folder, "--ckpt", other, "--out", tokens)
     assert code == 2 and "different tokenizer" in err
 

@@ -59,8 +59,10 @@ def cmd_train(args) -> int:
     if config.loss.perceptual_weight > 0:
         lpips_model = build_lpips(config.loss.lpips_net, config.loss.lpips_weights)
     if args.restart and context.is_main:
-        for stale in ("latest", "log.jsonl", "replicas.json", "checkpoints", "samples"):
-            shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "samples", ignore_errors=True)
+        for stale in ("latest", "log.jsonl", "replicas.json"):
+            (out / stale).unlink(missing_ok=True)
     context.barrier()
     trainer = Trainer(config, out, train_paths, sample_paths, context, lpips_model)
     if trainer.resume():

@@ -135,13 +135,14 @@ class _Progress:
             self.bar.close()
 
 
-def check_store_matches(store: TokenStore, meta: dict, ckpt: str | os.PathLike) -> None:
-    """Refuse to decode tokens with a tokenizer other than the one that wrote them."""
+def check_store_matches(store: TokenStore, meta: dict, ckpt: str | os.PathLike, same_weights: bool = True) -> None:
+    """Refuse to decode tokens with a tokenizer other than the one that wrote them (or, with
+    same_weights=False, at least one with the same codebook size)."""
     mine, theirs = meta["tokenizer"], store.tokenizer
     if store.codebook_size != mine["codebook_size"]:
         raise ValueError(f"token store {store.root} has codebook size {store.codebook_size} but tokenizer {ckpt} has "
                          f"{mine['codebook_size']}")
-    if theirs.get("weights_sha256") != mine.get("weights_sha256"):
+    if same_weights and theirs.get("weights_sha256") != mine.get("weights_sha256"):
         raise ValueError(f"token store {store.root} was written by tokenizer weights {theirs.get('weights_sha256', '?')[:12]}, "
                          f"not by {ckpt} ({mine['weights_sha256'][:12]}); pass --allow-other-tokenizer to decode anyway")
 
@@ -152,11 +153,7 @@ def decode_store(tokens: str | os.PathLike, ckpt: str | os.PathLike, out: str | 
     context = setup_distributed(device)
     store = TokenStore(tokens)
     model, meta = load_tokenizer(ckpt, context.device)
-    if allow_other_tokenizer:
-        if store.codebook_size != model.codebook_size:
-            raise ValueError(f"token store codebook size {store.codebook_size} != tokenizer codebook size {model.codebook_size}")
-    else:
-        check_store_matches(store, meta, ckpt)
+    check_store_matches(store, meta, ckpt, same_weights=not allow_other_tokenizer)
     out = Path(out)
     pending = [i for i in range(len(store))[context.rank :: context.world_size]
                if not (out / (str(Path(store.sources[i]).with_suffix("")) + ".png")).exists()]

@@ -60,6 +60,7 @@ class Trainer:
         self.dataset = CropDataset(train_paths, config.model.resolution, config.train.crop_size, config.train.scale_range,
                                    config.train.permute_channels)
         self.sample_paths = sample_paths
+        self._sample_images: torch.Tensor | None = None  # loaded on first use, reused for every grid
         self.usage = RollingCodeUsage(config.quantizer.codebook_size, config.train.usage_window)
         self.step = 0
         self.ddp_model = self._wrap(self.model)
@@ -224,8 +225,9 @@ class Trainer:
     def save_samples(self, count: int = 6) -> None:
         if not self.context.is_main or not self.sample_paths:
             return
-        images, _, _ = load_eval_images(self.sample_paths[:count], self.config.model.resolution)
-        images = images.to(self.device)
+        if self._sample_images is None:
+            self._sample_images = load_eval_images(self.sample_paths[:count], self.config.model.resolution)[0].to(self.device)
+        images = self._sample_images
         self.model.eval()
         reconstruction = self.model.decode(self.model.encode(images))
         save_grid([images, reconstruction], self.run_dir / "samples" / f"step_{self.step:08d}.png")
