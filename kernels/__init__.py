@@ -1,4 +1,8 @@
 """kernels: Triton kernels with plain-PyTorch references beside them. Imports nothing of this project.
 
-Not built yet (see the project's issues); vqtok.lookup.nearest_code is where the fused codebook lookup will plug in.
+Dispatch points (each picks a Triton kernel on CUDA once one exists, the PyTorch reference elsewhere):
+- `kernels.attention.attention`: causal attention over packed sequences (no token sees another document).
+- `kernels.linear_cross_entropy.linear_cross_entropy`: LM head + cross-entropy + log Z for the z-loss.
+- `vqtok.lookup.nearest_code`: codebook lookup (the fused distance+argmin kernel plugs in there).
+Only the PyTorch references are built so far.
 """

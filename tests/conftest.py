@@ -67,3 +67,33 @@ def python() -> str:
 def _quiet_logs():
     logging.getLogger("vqtok").setLevel(logging.WARNING)
     yield
+
+
+TEST_TOKENIZER = {"name": "test-random-codes", "codebook_size": 64, "weights_sha256": "0" * 64}
+
+
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory):
+    """A small world corpus, a token store of random 4x4 codes for its pictures, a vocabulary and a packed
+    dataset (rows of 65 tokens): everything unified_lm training needs, built in a few seconds."""
+    from types import SimpleNamespace
+
+    from unified_lm.prepare import PrepareSettings, prepare
+    from unified_lm.vocab import build_vocabulary
+    from unified_lm.world import generate_world, world_texts
+    from vqtok.token_store import ShardWriter, write_manifest
+
+    root = tmp_path_factory.mktemp("lm_data")
+    world = generate_world(root / "world", num_scenes=60, seed=0, image_size=32).out_dir
+    images = world / "images"
+    writer = ShardWriter(root / "tokens", TEST_TOKENIZER, 64)
+    rng = np.random.default_rng(0)
+    sources = sorted(p.name for p in images.iterdir())
+    writer.append(sources, rng.integers(0, 64, size=(len(sources), 4, 4)))
+    writer.close()
+    write_manifest(root / "tokens", 1, {"source_root": str(images)})
+    vocab = build_vocabulary(root / "vocab", world_texts(world), 400, 64, TEST_TOKENIZER)
+    prepare([str(world / "documents.jsonl")], str(root / "vocab"), str(root / "packed"),
+            PrepareSettings(seq_len=64, split="train", rows_per_shard=16), stores=[str(root / "tokens")])
+    return SimpleNamespace(root=root, world=world, tokens=root / "tokens", vocab_dir=root / "vocab", vocab=vocab,
+                           packed=root / "packed", documents=world / "documents.jsonl")

@@ -1,5 +1,15 @@
-"""unified_lm: the joint text+image vocabulary and the Chameleon-style decoder-only transformer.
+"""unified_lm: one decoder-only transformer over one stream of text and image tokens (Chameleon-style).
 
-Not built yet (see the project's issues): this package reads vqtok's token store through
-`vqtok.TokenStore` and never the other way round.
+    vocab.py        joint ids: sentencepiece BPE pieces, specials (<bos> <eos> <pad> <boi> <eoi> <image>), image codes
+    world.py        the embedded procedural captioned world (documents + exact ground truth)
+    text_corpus.py  real English text from installed packages (Wikipedia lead sections)
+    documents.py    interleaved documents (JSONL) -> token ids + loss masks
+    packing.py      packed, sharded, memory-mapped training rows; deterministic batches
+    prepare.py      `unified-lm prepare`: documents + vqtok token stores -> packed dataset
+    config.py       typed model/training configs and presets (tiny, small, 350m, 7b)
+    model.py        the transformer (RMSNorm, SwiGLU, RoPE, GQA, QK-norm, z-loss, norm reordering)
+    train.py        DeepSpeed training (ZeRO 1/2/3), checkpoints, exact resume, stability logs
+    cli.py          `unified-lm vocab | world | prepare`; training is `deepspeed scripts/train_unified.py`
+
+It reads vqtok's token stores and checkpoints; vqtok never imports this package.
 """

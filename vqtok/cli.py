@@ -21,28 +21,16 @@ from pathlib import Path
 log = logging.getLogger("vqtok")
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects KEY=VALUE (e.g. train.lr=3e-4), got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    return overrides
-
-
 def cmd_train(args) -> int:
     from .config import load_config
     from .data import resolve_image_paths
     from .distributed import setup_distributed
     from .losses import build_lpips
     from .train import Trainer
+    from .typed_config import parse_overrides
 
     config = load_config(args.config)
-    overrides = _parse_overrides(args.set or [])
+    overrides = parse_overrides(args.set or [])
     if args.steps is not None:
         overrides["train.steps"] = args.steps
     if args.batch_size is not None:
@@ -82,7 +70,7 @@ def cmd_encode(args) -> int:
     from .encode import encode_images
 
     summary = encode_images(args.images, args.ckpt, args.out, batch_size=args.batch_size, device=args.device,
-                            num_workers=args.workers, progress=not args.quiet)
+                            num_workers=args.workers, progress=not args.quiet, resolution=args.resolution)
     if summary.rank != 0:  # rank 0 reports for everyone (its failure list is read from the merged manifest)
         return 1 if summary.failures else 0
     for failure in summary.failures:
@@ -140,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--out", required=True, help="token store directory (resumed if it exists)")
     encode.add_argument("--batch-size", type=int, default=16)
     encode.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    encode.add_argument("--resolution", type=int, help="square size in pixels to encode at (default: the tokenizer's)")
     encode.add_argument("--device")
     encode.add_argument("--quiet", action="store_true")
     encode.set_defaults(func=cmd_encode)

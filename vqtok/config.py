@@ -7,9 +7,10 @@ codebook 8192 x 256, base channels 128, channel multipliers (1, 1, 2, 2, 4) i.e.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+
+from .typed_config import apply_overrides, build_dataclass, load_preset_or_file
 
 
 @dataclass
@@ -114,25 +115,11 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> VQConfig:
-        return _build(cls, data, "config")
+        return build_dataclass(cls, data, "config")
 
     def with_overrides(self, overrides: dict) -> VQConfig:
         """Apply nested overrides such as {"train": {"lr": 3e-4}} or {"train.lr": 3e-4}; unknown keys are errors."""
-        merged = self.to_dict()
-        for key, value in overrides.items():
-            parts = key.split(".")
-            target = merged
-            for part in parts[:-1]:
-                if part not in target or not isinstance(target[part], dict):
-                    raise ValueError(f"unknown config field {key!r}")
-                target = target[part]
-            if parts[-1] not in target:
-                raise ValueError(f"unknown config field {key!r}")
-            if isinstance(target[parts[-1]], dict) and isinstance(value, dict):
-                target[parts[-1]] = {**target[parts[-1]], **value}
-            else:
-                target[parts[-1]] = value
-        return VQConfig.from_dict(merged)
+        return VQConfig.from_dict(apply_overrides(self.to_dict(), overrides))
 
     def validate(self) -> VQConfig:
         m, q, t = self.model, self.quantizer, self.train
@@ -152,26 +139,6 @@ class VQConfig:
         if problems:
             raise ValueError("invalid vqtok config: " + "; ".join(problems))
         return self
-
-
-def _build(cls, data: dict, where: str):
-    """Recursively build a dataclass from a dict, rejecting unknown keys and converting lists to tuples."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        default = getattr(cls(), name) if name in known else None
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
 
 
 def _chameleon() -> VQConfig:
@@ -229,16 +196,4 @@ def preset(name: str) -> VQConfig:
 
 def load_config(name_or_path: str) -> VQConfig:
     """A preset name, or a JSON file holding a full config or {"preset": NAME, ...overrides}."""
-    if name_or_path in PRESETS:
-        return preset(name_or_path).validate()
-    try:
-        with open(name_or_path) as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise ValueError(f"--config {name_or_path!r} is neither a preset {sorted(PRESETS)} nor an existing JSON file") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"config file {name_or_path}: invalid JSON ({err})") from None
-    if "preset" in data:
-        base = preset(data.pop("preset"))
-        return base.with_overrides(data).validate()
-    return VQConfig.from_dict(data).validate()
+    return load_preset_or_file(name_or_path, PRESETS, VQConfig.from_dict, "--config").validate()

@@ -63,11 +63,17 @@ def _relative_sources(paths: list[Path], root: Path) -> list[str]:
 
 def encode_images(images: str | os.PathLike, ckpt: str | os.PathLike, out: str | os.PathLike, batch_size: int = 16,
                   device: str | None = None, num_workers: int = 0, shard_tokens: int | None = None,
-                  progress: bool = True, context: DistributedContext | None = None) -> EncodeSummary:
+                  progress: bool = True, context: DistributedContext | None = None,
+                  resolution: int | None = None) -> EncodeSummary:
+    """resolution: square side images are resized/cropped to before encoding (default: the tokenizer's); the
+    tokenizer is fully convolutional, so e.g. 64 px pictures give (64 / f)^2 tokens each."""
     context = context or setup_distributed(device)
     start = time.perf_counter()
     model, meta = load_tokenizer(ckpt, context.device)
-    resolution = model.config.model.resolution
+    resolution = resolution or model.config.model.resolution
+    if resolution % model.config.model.downsample_factor:
+        raise ValueError(f"--resolution {resolution} must be a multiple of the tokenizer's downsampling factor "
+                         f"{model.config.model.downsample_factor}")
     root = Path(images)
     paths = list_images(root)
     sources = _relative_sources(paths, root)

@@ -1,0 +1,55 @@
+"""Causal self-attention over packed sequences: the single dispatch point the transformer calls.
+
+Packed rows hold several documents; `document_ids` (B, T) gives each token's document, and a token attends only
+to earlier-or-equal positions of its own document. With `document_ids=None` the plain causal mask applies
+(PyTorch then uses its flash/memory-efficient kernels). Grouped-query attention: k and v may carry fewer heads
+than q (n_heads must be a multiple of n_kv_heads).
+
+The reference materialises a (B, 1, T, T) boolean mask; a Triton kernel that derives the mask from
+`document_ids` block by block will replace it on CUDA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool, True where query t may attend to key s."""
+    length = document_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return (causal & same_document)[:, None]
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None = None,
+                        dropout_p: float = 0.0) -> torch.Tensor:
+    """q: (B, H, T, D); k, v: (B, H_kv, T, D); document_ids: (B, T) or None. Returns (B, H, T, D)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if document_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(document_ids), dropout_p=dropout_p)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None = None,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """Dispatch: the PyTorch reference on every device until the Triton kernel lands."""
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
+    return attention_reference(q, k, v, document_ids, dropout_p)
+
+
+def max_attention_logit(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Largest |q.k| / sqrt(D) over allowed (causal, same-document) pairs: Chameleon's divergence signal."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)).abs() * q.shape[-1] ** -0.5
+    if document_ids is None:
+        allowed = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
+    else:
+        allowed = document_causal_mask(document_ids)
+    return scores.masked_fill(~allowed, 0.0).amax()

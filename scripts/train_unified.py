@@ -1,0 +1,130 @@
+"""Train the unified text+image transformer with DeepSpeed.
+
+    deepspeed scripts/train_unified.py --data runs/packed --out runs/lm --deepspeed_config configs/deepspeed/zero2.json
+    deepspeed --num_gpus 8 scripts/train_unified.py --model 350m --data ... --deepspeed_config configs/deepspeed/zero3.json
+    deepspeed --hostfile hosts scripts/train_unified.py ...          # multi-node (see README)
+    python scripts/train_unified.py --model tiny --data ... --out ...  # single process, no launcher (CPU or GPU)
+
+--resume continues from RUN/latest exactly (same data position, same next loss); the model section of the
+config must match the run's. Exit status: 0 done, 2 bad arguments/config/data, 3 the loss diverged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from unified_lm.config import UnifiedConfig, load_config
+from unified_lm.packing import PackedDataset
+from unified_lm.vocab import Vocabulary
+from vqtok.typed_config import parse_overrides
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="packed dataset directory (from `unified-lm prepare`)")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--model", default="small", help="preset (tiny, small, 350m, 7b) or JSON config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. train.lr=3e-4 or model.norm_reordering=true")
+    parser.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/latest")
+    parser.add_argument("--restart", action="store_true", help="delete RUN's checkpoints and log, start at step 0")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("--deepspeed_config", help="DeepSpeed JSON config (configs/deepspeed/zero{1,2,3}.json)")
+    parser.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed-launcher compatibility")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, dataset: PackedDataset, out: Path) -> UnifiedConfig:
+    overrides = parse_overrides(args.set)
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+    config = load_config(args.model).with_overrides(overrides)
+    vocab_size = dataset.vocab.size
+    if config.model.vocab_size not in (0, vocab_size):
+        raise ValueError(f"model.vocab_size {config.model.vocab_size} does not match the dataset's vocabulary "
+                         f"({vocab_size} ids: {dataset.vocab.text_size} text + 6 special + {dataset.vocab.codebook_size} image)")
+    config.model.vocab_size = vocab_size
+    if config.train.seq_len != dataset.seq_len:
+        print(f"[train] train.seq_len {config.train.seq_len} -> {dataset.seq_len} (the dataset's rows)", flush=True)
+        config.train.seq_len = dataset.seq_len
+    config.validate()
+    run_vocab = out / "vocab" / "vocab.json"
+    if args.resume and run_vocab.is_file():
+        fingerprint = Vocabulary.load(run_vocab.parent).fingerprint
+        if fingerprint != dataset.vocab.fingerprint:
+            raise ValueError(f"--resume: {args.data} uses vocabulary {dataset.vocab.fingerprint}, but the run in {out} "
+                             f"was trained on vocabulary {fingerprint}; the ids would mean different tokens")
+    saved = out / "config.json"
+    if args.resume and saved.is_file():
+        previous = UnifiedConfig.from_dict(json.loads(saved.read_text()))
+        if previous.model != config.model:
+            changed = [k for k in config.model.__dataclass_fields__
+                       if getattr(previous.model, k) != getattr(config.model, k)]
+            raise ValueError(f"--resume: the model config differs from the run's {saved} in {changed}")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from unified_lm.train import Trainer, TrainingDiverged, ensure_launch_env
+
+    out = Path(args.out)
+    try:
+        dataset = PackedDataset(args.data)
+        config = build_config(args, dataset, out)
+        has_checkpoint = (out / "latest").is_file()
+        if has_checkpoint and not (args.resume or args.restart):
+            raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue or --restart to start over")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ensure_launch_env()
+    rank = int(os.environ["RANK"])
+    if args.restart and rank == 0:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for stale in ("latest", "log.jsonl", "loss.png"):
+            (out / stale).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = Trainer(config, dataset, out, args.deepspeed_config, args.device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.resume and trainer.resume():
+            print(f"[train] resumed {out} at step {trainer.step}", flush=True)
+        if rank == 0:
+            (out / "config.json").write_text(config.to_json())
+            dataset.vocab.save(out / "vocab")
+            print(f"[train] {trainer.num_parameters / 1e6:.2f}M parameters, vocabulary {dataset.vocab.size}, "
+                  f"{len(dataset)} rows of {dataset.seq_len} tokens, world size {trainer.world_size}, "
+                  f"ZeRO stage {trainer.zero_stage}, {trainer.tokens_per_step} tokens/step", flush=True)
+        if trainer.step >= config.train.steps:
+            print(f"[train] {out} already trained for {trainer.step} steps", flush=True)
+            return 0
+        final = trainer.train()
+        if rank == 0:
+            print(json.dumps({"final": final}), flush=True)
+        return 0
+    except TrainingDiverged as err:
+        print(f"error: training diverged: {err}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

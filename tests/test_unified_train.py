@@ -1,0 +1,220 @@
+"""DeepSpeed training on CPU: 1 process without the launcher, 2 processes through `deepspeed` (ZeRO-2, ZeRO-3),
+exact resume, divergence handling, bad configs; and no /dev/shm files left behind."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, free_port
+
+TRAIN = str(REPO / "scripts" / "train_unified.py")
+ZERO = {stage: str(REPO / "configs" / "deepspeed" / f"zero{stage}.json") for stage in (1, 2, 3)}
+COMMON = ["--model", "tiny", "--set", "train.log_every=1", "--set", "train.lr=3e-3", "--set", "train.warmup_steps=2"]
+
+
+@pytest.fixture(autouse=True)
+def no_shm_leftovers():
+    before = set(glob.glob("/dev/shm/deepspeed_*"))
+    yield
+    assert set(glob.glob("/dev/shm/deepspeed_*")) - before == set(), "DeepSpeed left files in /dev/shm"
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def train(data: Path, out: Path, *extra: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    args = ["--data", str(data), "--out", str(out), *COMMON, *extra]
+    if processes == 1:
+        command = [sys.executable, TRAIN, *args]
+    else:
+        launcher = str(Path(sys.executable).with_name("deepspeed"))
+        command = [launcher, "--num_gpus", str(processes), "--master_port", str(free_port()), TRAIN, *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def first_and_last(records: list[dict], count: int = 3) -> tuple[float, float]:
+    losses = [r["loss"] for r in records]
+    return sum(losses[:count]) / count, sum(losses[-count:]) / count
+
+
+def resume_from(run: Path, copy: Path, step: int) -> None:
+    shutil.copytree(run, copy)
+    (copy / "latest").write_text(f"step_{step:08d}\n")
+
+
+@pytest.mark.slow
+def test_one_process_lowers_loss_and_resumes_exactly(lm_data, tmp_path):
+    run = tmp_path / "run"
+    result = train(lm_data.packed, run, "--steps", "8", "--set", "train.checkpoint_every=4",
+                   "--deepspeed_config", ZERO[2])
+    assert "ZeRO stage 2" in result.stdout and "world size 1" in result.stdout
+    records = log(run)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    start, end = first_and_last(records)
+    assert end < start - 0.2, f"loss did not fall: {start:.3f} -> {end:.3f}"
+    first = records[0]
+    assert len(first["max_qk_logit"]) == 2 and len(first["output_rms"]) == 2
+    for key in ("text_loss", "image_loss", "z_loss", "log_z", "grad_norm", "tokens_per_s", "lr"):
+        assert first[key] is not None and first[key] == first[key], key
+    assert first["mfu"] is None  # no GPU: no MFU estimate
+    assert (run / "loss.png").is_file() and (run / "latest").read_text().strip() == "step_00000008"
+    # shareable weights: safetensors that load into a fresh model
+    from safetensors.torch import load_file
+
+    from unified_lm.config import UnifiedConfig
+    from unified_lm.model import UnifiedTransformer
+
+    config = UnifiedConfig.from_dict(json.loads((run / "checkpoints/step_00000008/config.json").read_text()))
+    model = UnifiedTransformer(config.model)
+    model.load_state_dict(load_file(run / "checkpoints/step_00000008/model.safetensors"))
+    # an existing run is not silently overwritten
+    refused = train(lm_data.packed, run, "--steps", "8", check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    # resume from step 4: steps 5..8 repeat the uninterrupted run's losses exactly
+    resumed = tmp_path / "resumed"
+    resume_from(run, resumed, 4)
+    result = train(lm_data.packed, resumed, "--steps", "8", "--resume", "--set", "train.checkpoint_every=4",
+                   "--deepspeed_config", ZERO[2])
+    assert "resumed" in result.stdout and "at step 4" in result.stdout
+    again = log(resumed)
+    assert [r["step"] for r in again] == list(range(1, 9))  # lines after step 4 were replaced, not duplicated
+    for a, b in zip(records[4:], again[4:]):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_deepspeed_launcher(lm_data, tmp_path, stage):
+    run = tmp_path / f"zero{stage}"
+    result = train(lm_data.packed, run, "--steps", "8", "--set", "train.checkpoint_every=4",
+                   "--deepspeed_config", ZERO[stage], processes=2)
+    assert f"ZeRO stage {stage}" in result.stdout and "world size 2" in result.stdout
+    records = log(run)
+    start, end = first_and_last(records)
+    assert end < start - 0.2, f"loss did not fall: {start:.3f} -> {end:.3f}"
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "checkpoints/step_00000008/model.safetensors")
+    assert weights["embed.weight"].shape == (lm_data.vocab.size, 64)  # gathered whole, also under ZeRO-3
+    if stage == 3:  # resume under ZeRO-3 with partitioned optimizer state
+        resumed = tmp_path / "resumed"
+        resume_from(run, resumed, 4)
+        train(lm_data.packed, resumed, "--steps", "8", "--resume", "--set", "train.checkpoint_every=4",
+              "--deepspeed_config", ZERO[stage], processes=2)
+        for a, b in zip(records[4:], log(resumed)[4:]):
+            assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+
+
+DIVERGE = textwrap.dedent("""
+    import sys, torch
+    from unified_lm.config import preset
+    from unified_lm.packing import PackedDataset
+    from unified_lm.train import Trainer, TrainingDiverged, ensure_launch_env
+    ensure_launch_env()
+    data, out, ds_config = sys.argv[1:4]
+    dataset = PackedDataset(data)
+    config = preset("tiny").with_overrides({"train.steps": 6, "train.checkpoint_every": 2, "train.seq_len": 64})
+    config.model.vocab_size = dataset.vocab.size
+    trainer = Trainer(config, dataset, out, ds_config)
+    for _ in range(2):
+        trainer.train_step(collect_stats=False)
+        trainer.step += 1
+    trainer.save()
+    with torch.no_grad():  # poison the weights: the next loss is NaN
+        next(trainer.engine.module.parameters()).fill_(float("nan"))
+    try:
+        trainer.train()
+    except TrainingDiverged as err:
+        print("DIVERGED", err)
+        sys.exit(0)
+    sys.exit("no divergence detected")
+""")
+
+
+@pytest.mark.slow
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(lm_data, tmp_path):
+    script = tmp_path / "diverge.py"
+    script.write_text(DIVERGE)
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(script), str(lm_data.packed), str(out), ZERO[1]],
+                            capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "loss is not finite at step 3" in result.stdout and "checkpoints/step_00000002" in result.stdout
+    assert (out / "latest").read_text().strip() == "step_00000002"
+    assert not (out / "checkpoints" / "step_00000003").exists()
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints/step_00000002/model.safetensors").values())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "model.vocab_size=5"], "does not match the dataset's vocabulary"),
+    (["--set", "model.nonsense=1"], "unknown config field 'model.nonsense'"),
+    (["--model", "huge"], "neither a preset"),
+])
+def test_bad_arguments_exit_2(lm_data, tmp_path, extra, message):
+    result = train(lm_data.packed, tmp_path / "run", *extra, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_bad_deepspeed_configs_are_refused(lm_data, tmp_path):
+    from unified_lm.config import preset
+    from unified_lm.train import resolve_deepspeed_config
+
+    config = preset("tiny")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="remove 'optimizer'"):
+        resolve_deepspeed_config(str(path), config, 1, on_cuda=False)
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 99}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=99 disagrees"):
+        resolve_deepspeed_config(str(path), config, 1, on_cuda=False)
+    path.write_text(json.dumps({"fp16": {"enabled": True}}))
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        resolve_deepspeed_config(str(path), config, 1, on_cuda=False)
+    with pytest.raises(FileNotFoundError, match="DeepSpeed config not found"):
+        resolve_deepspeed_config(str(tmp_path / "missing.json"), config, 1, on_cuda=False)
+    resolved = resolve_deepspeed_config(ZERO[3], config, 2, on_cuda=False)
+    assert resolved["train_batch_size"] == 2 * config.train.micro_batch_size and resolved["bf16"]["enabled"] is False
+    assert resolve_deepspeed_config(ZERO[3], config, 2, on_cuda=True)["bf16"]["enabled"] is True
+
+
+def test_learning_rate_schedules():
+    from unified_lm.config import preset
+    from unified_lm.train import learning_rate_factor
+
+    config = preset("tiny").with_overrides({"train.steps": 100, "train.warmup_steps": 10, "train.min_lr_ratio": 0.1})
+    factors = [learning_rate_factor(s, config) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.1, abs=0.01) and all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    config.train.schedule = "chameleon"
+    assert learning_rate_factor(99, config) == pytest.approx(0.1, rel=0.05)
+    assert learning_rate_factor(54, config) == pytest.approx(0.1**0.5, rel=0.05)  # exponential: geometric midpoint
+
+
+def test_resume_with_another_vocabulary_is_refused(lm_data, tmp_path):
+    from unified_lm.vocab import Vocabulary, train_text_model
+
+    run = tmp_path / "run"
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    other = Vocabulary(train_text_model((" ".join(words[i:] + words[:i]) for i in range(200)), 300), 64)
+    other.save(run / "vocab")
+    result = train(lm_data.packed, run, "--resume", check=False)
+    assert result.returncode == 2 and "the ids would mean different tokens" in result.stderr, result.stderr

@@ -1,0 +1,145 @@
+"""Typed configuration for the unified transformer and its training, with named presets in one registry.
+
+Presets (model shape; `vocab_size` is always taken from the vocabulary at training time):
+- `tiny`   tests: 2 layers, width 64.
+- `small`  the CPU quickstart: 4 layers, width 256, sequence 512.
+- `350m`   GPU throughput/MFU runs: 24 layers, width 1024, 16 heads (4 KV), sequence 2048.
+- `7b`     Chameleon-7B's shape (32 layers, width 4096, 32 heads, sequence 4096, QK-norm, z-loss, dropout 0.1).
+Chameleon-34B additionally used norm reordering (`norm_reordering=True`).
+Overrides (`--set model.n_layers=8`, or a JSON file {"preset": "small", ...}) reject unknown keys.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from vqtok.typed_config import apply_overrides, build_dataclass, load_preset_or_file
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0 = take it from the vocabulary; otherwise it must equal the vocabulary's size
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: each KV head serves n_heads / n_kv_heads query heads
+    ffn_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 * dim rounded up to a multiple of 64
+    max_seq_len: int = 512  # RoPE table length, tokens
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    qk_norm: bool = True  # Chameleon: LayerNorm over head_dim on q and k, before RoPE
+    norm_reordering: bool = False  # Chameleon-34B: h = x + norm(attn(x)); out = h + norm(ffn(h))
+    dropout: float = 0.0  # residual and attention dropout (Chameleon-7B: 0.1)
+    tied_embeddings: bool = False
+    init_std: float = 0.02
+    z_loss_weight: float = 1e-5  # z_loss_weight * log(Z)^2 per token (Chameleon: 1e-5)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.ffn_hidden or 64 * -(-(8 * self.dim // 3) // 64)
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 512  # tokens per packed training sequence (inputs; the stored rows hold seq_len + 1)
+    micro_batch_size: int = 8  # sequences per process per micro-step
+    grad_accum_steps: int = 1
+    steps: int = 300  # optimizer steps
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 30
+    schedule: str = "cosine"  # "cosine" | "chameleon" (linear warm-up, then exponential decay) | "constant"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    stats_every: int = 50  # per-layer max |q.k| logit and output norms (costs an extra look at attention scores)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class UnifiedConfig:
+    name: str = "small"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> UnifiedConfig:
+        return build_dataclass(cls, data, "config")
+
+    def with_overrides(self, overrides: dict) -> UnifiedConfig:
+        """{"model.dim": 512, "train": {"lr": 3e-4}} -> a new config; unknown keys raise ValueError."""
+        return UnifiedConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+
+    def validate(self) -> UnifiedConfig:
+        model, train = self.model, self.train
+        checks = [
+            (model.dim > 0 and model.n_layers > 0, "model.dim and model.n_layers must be positive"),
+            (model.n_heads > 0 and model.dim % model.n_heads == 0, f"model.dim {model.dim} must be divisible by model.n_heads {model.n_heads}"),
+            (model.head_dim % 2 == 0, f"head_dim {model.head_dim} must be even for RoPE"),
+            (model.n_kv_heads > 0 and model.n_heads % model.n_kv_heads == 0, f"model.n_heads {model.n_heads} must be a multiple of model.n_kv_heads {model.n_kv_heads}"),
+            (0.0 <= model.dropout < 1.0, f"model.dropout must be in [0, 1), got {model.dropout}"),
+            (model.z_loss_weight >= 0, "model.z_loss_weight must be >= 0"),
+            (model.vocab_size >= 0, "model.vocab_size must be >= 0 (0 = from the vocabulary)"),
+            (train.seq_len <= model.max_seq_len, f"train.seq_len {train.seq_len} exceeds model.max_seq_len {model.max_seq_len}"),
+            (train.micro_batch_size > 0 and train.grad_accum_steps > 0, "train.micro_batch_size and train.grad_accum_steps must be positive"),
+            (train.steps > 0 and train.lr > 0, "train.steps and train.lr must be positive"),
+            (train.schedule in ("cosine", "chameleon", "constant"), f"train.schedule must be cosine, chameleon or constant, got {train.schedule!r}"),
+            (0.0 < train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in (0, 1]"),
+            (train.log_every > 0 and train.checkpoint_every > 0 and train.stats_every > 0, "train.log_every, stats_every and checkpoint_every must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid unified_lm config: {message}")
+        return self
+
+
+def _tiny() -> UnifiedConfig:
+    return UnifiedConfig("tiny", ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
+                         TrainConfig(seq_len=64, micro_batch_size=4, steps=20, lr=3e-3, warmup_steps=2, log_every=1,
+                                     stats_every=5, checkpoint_every=10))
+
+
+def _small() -> UnifiedConfig:
+    return UnifiedConfig("small", ModelConfig(), TrainConfig())
+
+
+def _350m() -> UnifiedConfig:
+    return UnifiedConfig("350m", ModelConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=4, max_seq_len=4096),
+                         TrainConfig(seq_len=2048, micro_batch_size=8, steps=1000, lr=3e-4, warmup_steps=100,
+                                     log_every=10, stats_every=100, checkpoint_every=500))
+
+
+def _7b() -> UnifiedConfig:
+    return UnifiedConfig("7b", ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=11008,
+                                           max_seq_len=4096, dropout=0.1),
+                         TrainConfig(seq_len=4096, micro_batch_size=1, steps=100_000, lr=1e-4, warmup_steps=4000,
+                                     schedule="chameleon", log_every=10, stats_every=100, checkpoint_every=1000))
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "350m": _350m, "7b": _7b}
+
+
+def preset(name: str) -> UnifiedConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown unified_lm preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def load_config(name_or_path: str) -> UnifiedConfig:
+    """A preset name, or a JSON file holding a full config or {"preset": NAME, ...overrides}."""
+    return load_preset_or_file(name_or_path, PRESETS, UnifiedConfig.from_dict, "--model").validate()

@@ -1,0 +1,123 @@
+"""Interleaved documents (JSONL) and how one becomes a token sequence with a loss mask.
+
+One JSON object per line:
+
+    {"id": "story-000003", "train_on": "all", "segments": [
+        {"text": "Step 1: a red circle at the left."},
+        {"image": "images/story-000003-1.png"},                      # a path, relative to the JSONL file
+        {"image_ref": {"store": "tokens/", "source": "a/b.png"}},   # or a reference into a vqtok token store
+        {"text": "Step 2: ...", "loss": false}]}                     # per-segment override of train_on
+
+`train_on` ("all" | "text" | "image", default from `unified-lm prepare --train-on`) picks which tokens are
+training targets: "image" trains text->image data on <boi>, the codes and <eoi> only; "text" trains image->text
+data on text pieces and <eos> only. A document becomes <bos> seg1 seg2 ... <eos>, each image as
+<boi> code ... code <eoi> in raster order. Extra keys (kind, split, ground truth) are kept out of the tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .vocab import Vocabulary
+
+TRAIN_ON = ("all", "text", "image")
+
+
+@dataclass(frozen=True)
+class ImageSegment:
+    path: Path | None = None  # absolute path of a picture to look up / encode
+    store: Path | None = None  # token store holding the codes ...
+    source: str | None = None  # ... under this source name
+
+
+@dataclass
+class Document:
+    id: str
+    segments: list  # str (text) or ImageSegment, each with an optional loss override in `loss_overrides`
+    loss_overrides: list  # bool | None per segment
+    train_on: str
+    where: str  # "file:line" for error messages
+    split: str | None = None
+
+
+@dataclass
+class EncodedDocument:
+    tokens: np.ndarray  # (n,) int64 ids: <bos> ... <eos>
+    loss: np.ndarray  # (n,) bool: token is a training target
+
+
+def read_documents(path: str | os.PathLike, default_train_on: str = "all", split: str | None = None) -> Iterator[Document]:
+    """Parse and validate a documents JSONL file; every problem names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"documents file not found: {path}")
+    base = path.parent.resolve()
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+            document = _parse(record, where, base, default_train_on)
+            if split is None or document.split == split:
+                yield document
+
+
+def _parse(record, where: str, base: Path, default_train_on: str) -> Document:
+    if not isinstance(record, dict) or not isinstance(record.get("segments"), list) or not record["segments"]:
+        raise ValueError(f"{where}: a document is an object with a non-empty 'segments' list")
+    train_on = record.get("train_on", default_train_on)
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"{where}: train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    segments, overrides = [], []
+    for index, segment in enumerate(record["segments"]):
+        at = f"{where} segment {index}"
+        if not isinstance(segment, dict):
+            raise ValueError(f"{at}: expected an object with 'text', 'image' or 'image_ref'")
+        kinds = [key for key in ("text", "image", "image_ref") if key in segment]
+        if len(kinds) != 1:
+            raise ValueError(f"{at}: needs exactly one of 'text', 'image', 'image_ref' (got {sorted(segment)})")
+        loss = segment.get("loss")
+        if loss is not None and not isinstance(loss, bool):
+            raise ValueError(f"{at}: 'loss' must be true or false")
+        if "text" in segment:
+            if not isinstance(segment["text"], str):
+                raise ValueError(f"{at}: 'text' must be a string")
+            segments.append(segment["text"])
+        elif "image" in segment:
+            if not isinstance(segment["image"], str) or not segment["image"]:
+                raise ValueError(f"{at}: 'image' must be a path")
+            segments.append(ImageSegment(path=(base / segment["image"]).resolve()))
+        else:
+            ref = segment["image_ref"]
+            if not isinstance(ref, dict) or not isinstance(ref.get("store"), str) or not isinstance(ref.get("source"), str):
+                raise ValueError(f"{at}: 'image_ref' must be {{\"store\": DIR, \"source\": NAME}}")
+            segments.append(ImageSegment(store=(base / ref["store"]).resolve(), source=ref["source"]))
+        overrides.append(loss)
+    return Document(str(record.get("id", where)), segments, overrides, train_on, where, record.get("split"))
+
+
+def encode_document(document: Document, vocab: Vocabulary, image_codes) -> EncodedDocument:
+    """Tokens and loss mask of one document. image_codes(ImageSegment, where) -> (h, w) code array."""
+    special = vocab.special
+    pieces, targets = [np.array([special.bos])], [np.array([False])]
+    for segment, override in zip(document.segments, document.loss_overrides):
+        if isinstance(segment, str):
+            ids = np.asarray(vocab.encode_text(segment), dtype=np.int64)
+            trained = document.train_on in ("all", "text") if override is None else override
+        else:
+            ids = vocab.image_ids(image_codes(segment, document.where))
+            trained = document.train_on in ("all", "image") if override is None else override
+        pieces.append(ids)
+        targets.append(np.full(len(ids), trained))
+    pieces.append(np.array([special.eos]))
+    targets.append(np.array([document.train_on in ("all", "text")]))
+    return EncodedDocument(np.concatenate(pieces).astype(np.int64), np.concatenate(targets).astype(bool))

@@ -1,0 +1,269 @@
+"""The unified decoder-only transformer: one stream of text and image tokens (Chameleon, arXiv:2405.09818).
+
+A Llama-style block (RMSNorm, SwiGLU, RoPE, grouped-query attention) plus the stability measures of Chameleon
+section 2.3, because text and image tokens compete through one softmax and mixed-modal training drifts into
+slow norm growth and divergence:
+- QK-norm: LayerNorm over head_dim applied to q and k (per-head affine weights) BEFORE RoPE;
+- z-loss: z_loss_weight * log(Z)^2 per token on the softmax normaliser (1e-5);
+- norm reordering (Chameleon-34B, Swin-style): h = x + norm(attn(x)); out = h + norm(ffn(h)),
+  instead of the usual pre-norm h = x + attn(norm(x));
+- dropout after attention and feed-forward (Chameleon-7B: 0.1).
+
+Packed sequences: `document_ids` keeps attention inside each document and RoPE positions restart per document.
+Attention and the loss go through `kernels.attention.attention` and `kernels.linear_cross_entropy` so Triton
+kernels replace them on CUDA without touching this file. The forward also splices embeddings (the continuous
+encoder-adapter path) in at `<image>` placeholder positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.attention import attention, max_attention_logit
+from kernels.linear_cross_entropy import linear_cross_entropy
+
+from .config import ModelConfig
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None = None  # scalar: mean over loss-mask tokens of ce + z_loss_weight * log_z^2
+    logits: torch.Tensor | None = None  # (B, T, V), only when no targets are given
+    text_loss: torch.Tensor | None = None  # detached mean ce over non-image targets (NaN when there are none)
+    image_loss: torch.Tensor | None = None  # detached mean ce over image targets
+    z_loss: torch.Tensor | None = None  # detached mean z_loss_weight * log_z^2
+    log_z: torch.Tensor | None = None  # detached mean log Z
+    tokens: torch.Tensor | None = None  # number of loss tokens (text, image) as a (2,) tensor
+    layer_stats: list[dict] = field(default_factory=list)  # per layer: max_qk_logit, output_rms (collect_stats)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in fp32: bf16 mean-of-squares loses the small-norm signal Chameleon's stability relies on
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class HeadLayerNorm(nn.Module):
+    """Chameleon's QK-norm: LayerNorm over head_dim, with a separate affine weight and bias per head."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
+        normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return normed * self.weight + self.bias
+
+
+def rope_table(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (max_positions, head_dim / 2), fp32."""
+    frequencies = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), frequencies)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, D); cos/sin: (B, T, D/2) already gathered at each token's position. Rotates pairs (i, i+D/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, T) position of each token inside its own document (0 at each start)."""
+    length = document_ids.shape[1]
+    index = torch.arange(length, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.q_norm = HeadLayerNorm(config.n_heads, config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = HeadLayerNorm(config.n_kv_heads, config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, document_ids, stats: dict | None):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # before RoPE, as in Chameleon
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if stats is not None:
+            stats["max_qk_logit"] = max_attention_logit(q.detach(), k.detach(), document_ids)
+        out = attention(q, k, v, document_ids, self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm_reordering = config.norm_reordering
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, document_ids, stats: dict | None = None):
+        if self.norm_reordering:  # Chameleon-34B: normalise each sub-layer's output, not its input
+            h = x + self.dropout(self.attention_norm(self.attention(x, cos, sin, document_ids, stats)))
+            return h + self.dropout(self.ffn_norm(self.feed_forward(h)))
+        h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, document_ids, stats))
+        return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class OutputHead(nn.Module):
+    """Projection to the vocabulary; with targets it returns per-token (ce, log_z) from the fused-loss dispatch point.
+
+    A module of its own (rather than a bare matmul with a weight) so that ZeRO-3 gathers the weight around it.
+    Tied embeddings reuse the embedding matrix (ZeRO-3 then needs it registered as an external parameter).
+    """
+
+    def __init__(self, dim: int, vocab_size: int, tied_to: nn.Embedding | None):
+        super().__init__()
+        self.weight = None if tied_to is not None else nn.Parameter(torch.empty(vocab_size, dim))
+        self._tied_to = [tied_to]  # a list: not registered as a submodule, so no duplicate parameters
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.weight if self.weight is not None else self._tied_to[0].weight
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        """x: (N, dim). Without targets: logits (N, V) fp32; with targets (N,): (ce, log_z), each (N,) fp32."""
+        if targets is None:
+            return (x @ self.matrix.t()).float()
+        return linear_cross_entropy(x, self.matrix, targets)
+
+
+class UnifiedTransformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the vocabulary) before building the model")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = OutputHead(config.dim, config.vocab_size, self.embed if config.tied_embeddings else None)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        cos, sin = rope_table(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, parameter in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("o_proj.weight", "w2.weight")):
+                nn.init.normal_(parameter, std=config.init_std / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)) or (isinstance(module, OutputHead) and module.weight is not None):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+
+    def embed_tokens(self, tokens: torch.Tensor, splice_mask: torch.Tensor | None = None,
+                     splice_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, dim); rows of `splice_embeddings` (M, dim) replace the M positions of `splice_mask`."""
+        h = self.embed(tokens)
+        if splice_mask is None:
+            return h
+        count = int(splice_mask.sum())
+        if splice_embeddings is None or splice_embeddings.shape != (count, h.shape[-1]):
+            got = None if splice_embeddings is None else tuple(splice_embeddings.shape)
+            raise ValueError(f"splice_embeddings must have shape ({count}, {h.shape[-1]}) for {count} placeholder "
+                             f"positions, got {got}")
+        return h.masked_scatter(splice_mask[..., None], splice_embeddings.to(h.dtype))
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, image_targets: torch.Tensor | None = None,
+                splice_mask: torch.Tensor | None = None, splice_embeddings: torch.Tensor | None = None,
+                collect_stats: bool = False) -> ModelOutput:
+        """tokens, targets, loss_mask, document_ids, image_targets, splice_mask: (B, T).
+
+        document_ids=None means one document per row. image_targets marks targets that are image tokens, for the
+        per-modality losses. Without targets, returns logits (B, T, V).
+        """
+        batch, length = tokens.shape
+        if length > self.config.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds model max_seq_len {self.config.max_seq_len}")
+        if document_ids is not None:
+            positions = positions_in_documents(document_ids)
+        else:
+            positions = torch.arange(length, device=tokens.device).expand(batch, length)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.embed_dropout(self.embed_tokens(tokens, splice_mask, splice_embeddings))
+        layer_stats = []
+        for layer in self.layers:
+            stats = {} if collect_stats else None
+            x = layer(x, cos, sin, document_ids, stats)
+            if stats is not None:
+                stats["output_rms"] = x.detach().float().pow(2).mean().sqrt()
+                layer_stats.append(stats)
+        x = self.norm(x)
+        if targets is None:
+            return ModelOutput(logits=self.lm_head(x.reshape(batch * length, -1)).view(batch, length, -1),
+                               layer_stats=layer_stats)
+        return self._loss(x, targets, loss_mask, image_targets, layer_stats)
+
+    def _loss(self, x, targets, loss_mask, image_targets, layer_stats) -> ModelOutput:
+        ce, log_z = self.lm_head(x.reshape(-1, x.shape[-1]), targets.reshape(-1))
+        mask = torch.ones_like(ce) if loss_mask is None else loss_mask.reshape(-1).to(ce.dtype)
+        z_term = self.config.z_loss_weight * log_z.pow(2)
+        count = mask.sum().clamp(min=1.0)
+        loss = ((ce + z_term) * mask).sum() / count
+        with torch.no_grad():
+            image = torch.zeros_like(mask) if image_targets is None else image_targets.reshape(-1).to(mask.dtype)
+            image_mask, text_mask = mask * image, mask * (1 - image)
+            text_count, image_count = text_mask.sum(), image_mask.sum()
+            return ModelOutput(
+                loss=loss,
+                text_loss=(ce * text_mask).sum() / text_count,  # NaN when there are no text targets
+                image_loss=(ce * image_mask).sum() / image_count,
+                z_loss=(z_term * mask).sum() / count,
+                log_z=(log_z * mask).sum() / count,
+                tokens=torch.stack([text_count, image_count]),
+                layer_stats=layer_stats,
+            )
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 N + 12 L T d (PaLM appendix B), N without embeddings."""
+        config = self.config
+        matmul_parameters = sum(p.numel() for p in self.parameters()) - config.vocab_size * config.dim  # no lookups
+        if config.tied_embeddings:  # the tied matrix is counted once above but used as the output projection
+            matmul_parameters += config.vocab_size * config.dim
+        return 6 * matmul_parameters + 12 * config.n_layers * seq_len * config.dim

@@ -1,0 +1,243 @@
+"""Packed training sequences: what `unified-lm prepare` writes and training reads.
+
+Layout of a packed dataset directory:
+
+    dataset.json                  format, row length, vocabulary fingerprint, shard table, token counts (written last)
+    vocab/                        the vocabulary the ids belong to (vocab.json + text.model)
+    shards/rows-00000.tokens      (rows, seq_len + 1) token ids, uint16 when the vocabulary fits, else int32
+    shards/rows-00000.documents   (rows, seq_len + 1) uint16 document number inside the row; 0 = padding
+    shards/rows-00000.loss        (rows, seq_len + 1) uint8: 1 where the token is a training target
+    image_tokens/                 vqtok token store of pictures encoded by prepare itself (reused on re-runs)
+
+Rows hold seq_len + 1 tokens so inputs = row[:-1] and targets = row[1:]. Packing is greedy and deterministic:
+documents (in a seeded shuffled order) fill a row; a document that does not fit in the rest of a row starts a
+new one (the rest is padding) unless it is longer than a row, in which case it is split across rows. A target
+counts only where its loss flag is set and it belongs to the same document as its input token, so nothing is
+learned across a document boundary. Shards are memory-mapped: datasets larger than RAM are fine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vqtok.checkpoint import atomic_write_text
+
+from .documents import EncodedDocument
+from .vocab import Vocabulary
+
+FORMAT = "unified-lm-packed/1"
+SHARD_SUFFIXES = ("tokens", "documents", "loss")
+
+
+@dataclass
+class PackedRow:
+    tokens: np.ndarray  # (L,) int64
+    documents: np.ndarray  # (L,) document number in the row, 0 = padding
+    loss: np.ndarray  # (L,) bool
+
+
+def pack_documents(documents: Iterable[EncodedDocument], row_length: int, pad_id: int) -> Iterator[PackedRow]:
+    """Greedy packing of encoded documents into rows of exactly `row_length` tokens (see module docstring)."""
+    tokens = np.full(row_length, pad_id, np.int64)
+    numbers = np.zeros(row_length, np.int64)
+    loss = np.zeros(row_length, bool)
+    fill, count = 0, 0
+
+    def flush():
+        nonlocal tokens, numbers, loss, fill, count
+        row = PackedRow(tokens, numbers, loss)
+        tokens = np.full(row_length, pad_id, np.int64)
+        numbers = np.zeros(row_length, np.int64)
+        loss = np.zeros(row_length, bool)
+        fill, count = 0, 0
+        return row
+
+    for document in documents:
+        length = len(document.tokens)
+        if fill and length > row_length - fill and length <= row_length:
+            yield flush()
+        start = 0
+        while start < length:
+            if fill == row_length:
+                yield flush()
+            take = min(length - start, row_length - fill)
+            count += 1
+            tokens[fill : fill + take] = document.tokens[start : start + take]
+            numbers[fill : fill + take] = count
+            loss[fill : fill + take] = document.loss[start : start + take]
+            fill += take
+            start += take
+    if fill:
+        yield flush()
+
+
+class ShardedRowWriter:
+    """Writes rows into fixed-size shards under `shard_dir`; `close()` returns the shard table."""
+
+    def __init__(self, shard_dir: Path, row_length: int, token_dtype: np.dtype, rows_per_shard: int):
+        self.shard_dir, self.row_length, self.dtype = shard_dir, row_length, token_dtype
+        self.rows_per_shard = rows_per_shard
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict] = []
+        self._buffer: list[PackedRow] = []
+
+    def add(self, row: PackedRow) -> None:
+        self._buffer.append(row)
+        if len(self._buffer) == self.rows_per_shard:
+            self._write()
+
+    def _write(self) -> None:
+        name = f"rows-{len(self.shards):05d}"
+        arrays = {"tokens": np.stack([r.tokens for r in self._buffer]).astype(self.dtype),
+                  "documents": np.stack([r.documents for r in self._buffer]).astype("<u2"),
+                  "loss": np.stack([r.loss for r in self._buffer]).astype(np.uint8)}
+        for suffix, array in arrays.items():
+            array.tofile(self.shard_dir / f"{name}.{suffix}")
+        self.shards.append({"name": f"shards/{name}", "rows": len(self._buffer)})
+        self._buffer = []
+
+    def close(self) -> list[dict]:
+        if self._buffer:
+            self._write()
+        return self.shards
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+
+
+@dataclass
+class Batch:
+    """Model inputs for one micro-step; every tensor is (B, seq_len)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    document_ids: torch.Tensor
+    image_targets: torch.Tensor
+
+    def to(self, device) -> Batch:
+        return Batch(*(getattr(self, name).to(device, non_blocking=True) for name in self.__dataclass_fields__))
+
+    def model_kwargs(self) -> dict:
+        return {"targets": self.targets, "loss_mask": self.loss_mask, "document_ids": self.document_ids,
+                "image_targets": self.image_targets}
+
+
+class PackedDataset:
+    """Read-only, memory-mapped rows of a packed dataset: `len(ds)`, `ds[i]` -> PackedRow, `ds.batch(indices)`."""
+
+    def __init__(self, root: str | os.PathLike, vocab: Vocabulary | None = None):
+        self.root = Path(root)
+        info_path = self.root / "dataset.json"
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{self.root} is not a packed dataset (no dataset.json; make one with "
+                                    "`unified-lm prepare`)")
+        self.info = json.loads(info_path.read_text())
+        if self.info.get("format") != FORMAT:
+            raise ValueError(f"{info_path}: unsupported format {self.info.get('format')!r}")
+        self.vocab = vocab or Vocabulary.load(self.root / "vocab")
+        if self.vocab.fingerprint != self.info["vocab_fingerprint"]:
+            raise ValueError(f"{self.root} was prepared with vocabulary {self.info['vocab_fingerprint']}, not with "
+                             f"{self.vocab.fingerprint} (size {self.vocab.size}); re-run `unified-lm prepare`")
+        self.row_length = int(self.info["row_length"])
+        self.dtype = np.dtype(self.info["token_dtype"])
+        self._shards = []
+        for shard in self.info["shards"]:
+            arrays = {}
+            for suffix, dtype in zip(SHARD_SUFFIXES, (self.dtype, np.dtype("<u2"), np.dtype(np.uint8))):
+                path = self.root / f"{shard['name']}.{suffix}"
+                expected = shard["rows"] * self.row_length * dtype.itemsize
+                if not path.is_file() or path.stat().st_size != expected:
+                    raise ValueError(f"{path}: missing or truncated (expected {expected} bytes)")
+                arrays[suffix] = np.memmap(path, dtype=dtype, mode="r", shape=(shard["rows"], self.row_length))
+            self._shards.append(arrays)
+        self._starts = np.cumsum([0] + [s["rows"] for s in self.info["shards"]])
+
+    @property
+    def seq_len(self) -> int:
+        return self.row_length - 1
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> PackedRow:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        local = index - int(self._starts[shard])
+        arrays = self._shards[shard]
+        return PackedRow(arrays["tokens"][local].astype(np.int64), arrays["documents"][local].astype(np.int64),
+                         arrays["loss"][local].astype(bool))
+
+    def batch(self, indices: list[int]) -> Batch:
+        rows = [self[i] for i in indices]
+        tokens = torch.from_numpy(np.stack([r.tokens for r in rows]))
+        documents = torch.from_numpy(np.stack([r.documents for r in rows]))
+        loss = torch.from_numpy(np.stack([r.loss for r in rows]))
+        targets = tokens[:, 1:]
+        same_document = (documents[:, 1:] == documents[:, :-1]) & (documents[:, 1:] != 0)
+        return Batch(inputs=tokens[:, :-1], targets=targets, loss_mask=loss[:, 1:] & same_document,
+                     document_ids=documents[:, :-1], image_targets=self.vocab.is_image(targets))
+
+
+def batch_indices(step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int,
+                  grad_accum_steps: int, num_rows: int, seed: int) -> list[int]:
+    """Rows of one micro-batch: a pure function of (step, micro_step, rank), so resuming is exact.
+
+    Each epoch is a seeded permutation of all rows; global position p = ((step * accum + micro_step) * world
+    + rank) * micro_batch + i walks through the concatenated epochs.
+    """
+    first = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size
+    indices = []
+    for position in range(first, first + micro_batch_size):
+        epoch, offset = divmod(position, num_rows)
+        indices.append(int(_epoch_order(seed, epoch, num_rows)[offset]))
+    return indices
+
+
+_ORDER_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _epoch_order(seed: int, epoch: int, num_rows: int) -> np.ndarray:
+    key = (seed, epoch, num_rows)
+    if key not in _ORDER_CACHE:
+        if len(_ORDER_CACHE) > 4:
+            _ORDER_CACHE.clear()
+        _ORDER_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    return _ORDER_CACHE[key]
+
+
+def write_dataset(out: Path, rows: Iterable[PackedRow], vocab: Vocabulary, row_length: int, rows_per_shard: int,
+                  extra: dict) -> dict:
+    """Write all rows into out/shards (replacing any earlier shards), then dataset.json last."""
+    (out / "dataset.json").unlink(missing_ok=True)  # an interrupted rewrite must not look complete
+    building = out / "shards.building"
+    shutil.rmtree(building, ignore_errors=True)
+    writer = ShardedRowWriter(building, row_length, token_dtype(vocab.size), rows_per_shard)
+    totals = {"tokens": 0, "target_tokens": 0, "image_target_tokens": 0, "padding_tokens": 0}
+    for row in rows:
+        writer.add(row)
+        totals["tokens"] += row_length
+        totals["padding_tokens"] += int((row.documents == 0).sum())
+        totals["target_tokens"] += int(row.loss.sum())
+        totals["image_target_tokens"] += int((row.loss & vocab.is_image(row.tokens)).sum())
+    shards = writer.close()
+    if not shards:
+        shutil.rmtree(building)
+        raise ValueError("no documents to pack")
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    os.replace(building, out / "shards")
+    vocab.save(out / "vocab")
+    info = {"format": FORMAT, "row_length": row_length, "seq_len": row_length - 1,
+            "token_dtype": token_dtype(vocab.size).str, "vocab_fingerprint": vocab.fingerprint,
+            "vocab_size": vocab.size, "rows": sum(s["rows"] for s in shards), "shards": shards, **totals, **extra}
+    atomic_write_text(out / "dataset.json", json.dumps(info, indent=2) + "\n")
+    return info

@@ -1,0 +1,158 @@
+"""`unified-lm prepare`: interleaved documents (JSONL) -> packed, sharded, memory-mapped training rows.
+
+Images are found, in order: in the token stores given with `--tokens` (looked up by absolute path through each
+store's recorded source root), by `image_ref` into a named store, or encoded by prepare itself with
+`--tokenizer` into OUT/image_tokens (a vqtok token store, resumable, reused by later runs). Every image's
+tokenizer must match the vocabulary (codebook size, and weights when the vocabulary recorded them).
+The same inputs and seed give byte-identical shards; dataset.json is written last, so an interrupted run never
+leaves a dataset that looks complete.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vqtok.token_store import ShardWriter, TokenStore
+
+from .documents import Document, ImageSegment, encode_document, read_documents
+from .packing import pack_documents, write_dataset
+from .text_corpus import read_texts
+from .vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareSettings:
+    seq_len: int = 512
+    default_train_on: str = "all"
+    split: str | None = None  # keep only documents whose "split" field equals this
+    seed: int = 0
+    rows_per_shard: int = 8192
+    text_corpus: str | None = None  # "default" (Wikipedia summaries) or a file: text-only documents mixed in
+    text_documents: int = 0  # how many of them
+    image_resolution: int | None = None  # encode size for --tokenizer (default: the tokenizer's)
+
+
+class ImageCodes:
+    """Resolves image segments to (h, w) code arrays from token stores, or by encoding them once."""
+
+    def __init__(self, vocab: Vocabulary, stores: list[str], tokenizer: str | None, cache: Path,
+                 resolution: int | None, device: str = "cpu"):
+        self.vocab, self.tokenizer_path, self.cache, self.resolution = vocab, tokenizer, cache, resolution
+        self.device = device
+        self.by_path: dict[Path, tuple[TokenStore, int]] = {}
+        self.stores: dict[Path, TokenStore] = {}
+        for root in stores:
+            self._index(self._open(Path(root).resolve()))
+        if (cache / "store.json").exists():
+            self._index(self._open(cache.resolve()))
+
+    def _open(self, root: Path) -> TokenStore:
+        if root not in self.stores:
+            store = TokenStore(root)
+            self.vocab.check_tokenizer(store.tokenizer, f"token store {root}")
+            self.stores[root] = store
+        return self.stores[root]
+
+    def _index(self, store: TokenStore) -> None:
+        source_root = (store.manifest or {}).get("source_root")
+        if source_root is None:
+            log.warning("token store %s has no manifest with a source root; only image_ref can use it", store.root)
+            return
+        for index, source in enumerate(store.sources):
+            self.by_path.setdefault((Path(source_root) / source).resolve(), (store, index))
+
+    def missing(self, documents: list[Document]) -> dict[Path, str]:
+        """Pictures no store holds -> where the first document naming them is ("file:line")."""
+        found: dict[Path, str] = {}
+        for document in documents:
+            for segment in document.segments:
+                if isinstance(segment, ImageSegment) and segment.path is not None and segment.path not in self.by_path:
+                    found.setdefault(segment.path, document.where)
+        return dict(sorted(found.items()))
+
+    def encode_missing(self, missing: dict[Path, str], batch_size: int = 32) -> None:
+        """Encode pictures no store holds into the cache store (resumable: a re-run skips what is there)."""
+        from vqtok.checkpoint import load_tokenizer
+        from vqtok.images import BadImageError, load_rgb, preprocess, to_tensor
+        from vqtok.token_store import write_manifest
+
+        model, meta = load_tokenizer(self.tokenizer_path, self.device)
+        self.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {self.tokenizer_path}")
+        resolution = self.resolution or model.config.model.resolution
+        writer = ShardWriter(self.cache, meta["tokenizer"], model.codebook_size)
+        paths = list(missing)
+        try:
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start : start + batch_size]
+                try:
+                    pixels = torch.stack([to_tensor(preprocess(load_rgb(p), resolution)) for p in chunk])
+                except BadImageError as err:
+                    raise ValueError(f"{missing[Path(err.path)]}: cannot encode image {err.path}: {err.reason}") from None
+                with torch.no_grad():
+                    codes = model.encode(pixels.to(self.device)).cpu().numpy()
+                writer.append([os.fspath(p) for p in chunk], codes)
+        finally:
+            writer.close()
+        write_manifest(self.cache, 1, {"source_root": "/", "resolution": resolution})
+        self.stores.pop(self.cache.resolve(), None)
+        self._index(self._open(self.cache.resolve()))
+
+    def __call__(self, segment: ImageSegment, where: str) -> np.ndarray:
+        if segment.path is not None:
+            if segment.path not in self.by_path:
+                hint = "" if self.tokenizer_path else " (pass --tokens STORE holding it, or --tokenizer RUN to encode it)"
+                raise FileNotFoundError(f"{where}: image {segment.path} is in no token store{hint}")
+            store, index = self.by_path[segment.path]
+            record = store[index]
+        else:
+            if not (segment.store / "store.json").is_file():
+                raise FileNotFoundError(f"{where}: image_ref store {segment.store} is not a vqtok token store")
+            try:
+                record = self._open(segment.store).find(segment.source)
+            except KeyError:
+                raise KeyError(f"{where}: {segment.source!r} is not in token store {segment.store}") from None
+        return np.asarray(record.tokens).reshape(record.grid)
+
+
+def prepare(documents_files: list[str], vocab_dir: str, out: str, settings: PrepareSettings,
+            stores: list[str] = (), tokenizer: str | None = None, device: str = "cpu") -> dict:
+    """Build a packed dataset in `out`; returns the dataset.json content."""
+    vocab = Vocabulary.load(vocab_dir)
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    documents: list[Document] = []
+    for path in documents_files:
+        documents += read_documents(path, settings.default_train_on, settings.split)
+    if settings.text_corpus and settings.text_documents:
+        for number, text in enumerate(read_texts(settings.text_corpus)):
+            if number >= settings.text_documents:
+                break
+            documents.append(Document(f"text-{number}", [text], [None], "all", f"{settings.text_corpus} #{number}"))
+    if not documents:
+        raise ValueError(f"no documents in {documents_files}" + (f" with split {settings.split!r}" if settings.split else ""))
+    images = ImageCodes(vocab, list(stores), tokenizer, out_path / "image_tokens", settings.image_resolution, device)
+    missing = images.missing(documents)
+    if missing:
+        if tokenizer is None:
+            path, where = next(iter(missing.items()))
+            raise FileNotFoundError(f"{where}: image {path} is in no token store ({len(missing)} such image(s)); pass "
+                                    "--tokens STORE (from `vqtok encode`) or --tokenizer RUN to encode them")
+        log.info("encoding %d image(s) with %s", len(missing), tokenizer)
+        images.encode_missing(missing)
+    order = np.random.default_rng(settings.seed).permutation(len(documents))
+    kinds: dict[str, int] = {}
+    for document in documents:
+        kinds[document.train_on] = kinds.get(document.train_on, 0) + 1
+    encoded = (encode_document(documents[i], vocab, images) for i in order)
+    rows = pack_documents(encoded, settings.seq_len + 1, vocab.special.pad)
+    return write_dataset(out_path, rows, vocab, settings.seq_len + 1, settings.rows_per_shard,
+                         {"documents": len(documents), "documents_by_train_on": kinds, "seed": settings.seed,
+                          "sources": [os.fspath(Path(p).resolve()) for p in documents_files],
+                          "split": settings.split, "text_documents": settings.text_documents})
