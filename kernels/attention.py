@@ -43,13 +43,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: t
 
 
 def max_attention_logit(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Largest |q.k| / sqrt(D) over allowed (causal, same-document) pairs: Chameleon's divergence signal."""
+    """Largest |q.k| / sqrt(D) over allowed (causal, same-document) pairs: Chameleon's divergence signal.
+
+    One batch row at a time, so the fp32 (H, T, T) scores of a single row are the peak extra memory."""
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)).abs() * q.shape[-1] ** -0.5
-    if document_ids is None:
-        allowed = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
-    else:
-        allowed = document_causal_mask(document_ids)
-    return scores.masked_fill(~allowed, 0.0).amax()
+    causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
+    largest = torch.zeros((), device=q.device)
+    for row in range(q.shape[0]):
+        keys = k[row].repeat_interleave(groups, dim=0) if groups > 1 else k[row]
+        scores = (q[row].float() @ keys.float().transpose(-1, -2)).abs_().mul_(q.shape[-1] ** -0.5)
+        allowed = causal if document_ids is None else document_causal_mask(document_ids[row : row + 1])[0]
+        largest = torch.maximum(largest, scores.masked_fill_(~allowed, 0.0).amax())
+    return largest

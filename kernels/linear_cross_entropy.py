@@ -11,7 +11,10 @@ import torch
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor,
                                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden: (N, D); weight: (V, D); targets: (N,) in [0, V). Returns (ce, log_z), each (N,) fp32."""
+    """hidden: (N, D); weight: (V, D); targets: (N,) in [0, V). Returns (ce, log_z), each (N,) fp32.
+
+    The logits are computed in the inputs' dtype (bf16 on GPU, as usual for LM heads) and the softmax
+    statistics in fp32."""
     logits = (hidden @ weight.t()).float()
     log_z = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)

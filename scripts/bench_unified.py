@@ -106,8 +106,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_unified")
     args = parser.parse_args()
     out = Path(args.out)
-    data = Path(args.data) if args.data else synthetic_dataset(out / "data", args.seq_len, args.rows, args.text_vocab,
-                                                                 args.codebook_size)
+    shape = f"seq{args.seq_len}-rows{args.rows}-text{args.text_vocab}-codes{args.codebook_size}"
+    data = Path(args.data) if args.data else synthetic_dataset(out / f"data-{shape}", args.seq_len, args.rows,
+                                                                 args.text_vocab, args.codebook_size)
     results = []
     for processes in args.processes:
         result = run(args, data, processes, out / f"run_p{processes}")

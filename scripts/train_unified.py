@@ -101,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        if args.resume and trainer.resume():
-            print(f"[train] resumed {out} at step {trainer.step}", flush=True)
+        try:
+            if args.resume and trainer.resume():
+                print(f"[train] resumed {out} at step {trainer.step}", flush=True)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         if rank == 0:
             (out / "config.json").write_text(config.to_json())
             dataset.vocab.save(out / "vocab")

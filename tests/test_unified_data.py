@@ -52,6 +52,18 @@ def test_mismatched_codebook_is_refused(lm_data, tmp_path):
     assert code == 2
 
 
+def test_vocab_loads_an_existing_sentencepiece_model(lm_data, tmp_path, capsys):
+    argv = ["vocab", "--spm-model", str(lm_data.vocab_dir / "text.model"), "--codebook-size", "64", "--out",
+            str(tmp_path / "vocab")]
+    assert unified_lm(argv) == 0
+    loaded = Vocabulary.load(tmp_path / "vocab")
+    assert loaded.text_size == 400 and loaded.size == lm_data.vocab.size
+    (tmp_path / "not-a-model").write_bytes(b"garbage")
+    argv = ["vocab", "--spm-model", str(tmp_path / "not-a-model"), "--codebook-size", "64", "--out", str(tmp_path / "v2")]
+    assert unified_lm(argv) == 2 and "is not a sentencepiece model" in capsys.readouterr().err
+    assert unified_lm(["vocab", "--text", "default", "--out", str(tmp_path / "v3")]) == 2  # no codebook size
+
+
 def _document(tokens, loss):
     return EncodedDocument(np.asarray(tokens), np.asarray(loss, bool))
 
@@ -142,7 +154,7 @@ def test_image_refs_and_text_mixing(lm_data, tmp_path):
     docs.write_text(json.dumps({"segments": [{"text": "look:"}, {"image_ref": {"store": str(lm_data.tokens),
                                                                                 "source": source}}]}) + "\n")
     info = prepare([str(docs)], str(lm_data.vocab_dir), str(tmp_path / "out"), PrepareSettings(seq_len=64))
-    assert info["documents"] == 1 and info["image_target_tokens"] == 16
+    assert info["documents"] == 1 and info["image_target_tokens"] == 16 + 2  # codes and <boi>/<eoi>
     texts = tmp_path / "texts.txt"
     texts.write_text("first plain document.\nsecond plain document.\n")
     info = prepare([str(docs)], str(lm_data.vocab_dir), str(tmp_path / "mixed"),
@@ -186,8 +198,9 @@ def test_prepare_encodes_pictures_with_a_tokenizer(tiny_run, tmp_path, image_fol
     rows = [dataset[i] for i in range(len(dataset))]
     assert sum(int(dataset.vocab.is_image(r.tokens).sum()) for r in rows) == grid * grid
     assert unified_lm(argv) == 0  # second run reuses the cached codes (no second copy)
-    assert len(list((tmp_path / "packed" / "image_tokens" / "shards").glob("*.index.jsonl"))) == 1
-    index = tmp_path / "packed" / "image_tokens" / "shards" / "rank00000-00000.index.jsonl"
+    cache = tmp_path / "packed" / "image_tokens_native" / "shards"
+    assert len(list(cache.glob("*.index.jsonl"))) == 1
+    index = cache / "rank00000-00000.index.jsonl"
     assert len(index.read_text().splitlines()) == 1
 
 

@@ -78,6 +78,36 @@ def test_z_loss_matches_hand_computation():
     torch.testing.assert_close(output.text_loss.double(), (ce * text_mask).sum() / text_mask.sum(), rtol=1e-5, atol=1e-5)
 
 
+def test_loss_denominator_weighs_every_target_token_equally():
+    """Two micro-batches with their share of the step's target count average to the full batch's loss."""
+    model = tiny_model()
+    tokens, targets = torch.randint(0, VOCAB, (4, 12)), torch.randint(0, VOCAB, (4, 12))
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    mask[:2, :2] = True  # 4 targets in the first half
+    mask[2:, :] = True  # 24 in the second
+    full = model(tokens, targets=targets, loss_mask=mask).loss
+    share = mask.sum() / 2
+    halves = [model(tokens[rows], targets=targets[rows], loss_mask=mask[rows], loss_denominator=share).loss
+              for rows in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, full)
+    naive = [model(tokens[rows], targets=targets[rows], loss_mask=mask[rows]).loss for rows in (slice(0, 2), slice(2, 4))]
+    assert not torch.allclose((naive[0] + naive[1]) / 2, full)  # per-micro-batch means would not
+
+
+def test_rope_tables_are_exact_and_never_cast():
+    from unified_lm.model import rope_table
+
+    model = tiny_model()
+    cos, sin = model.rope(torch.device("cpu"))
+    assert cos.dtype == torch.float32 and "rope" not in "".join(model.state_dict())
+    positions = torch.arange(model.config.max_seq_len, dtype=torch.float64)
+    frequencies = 10_000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    torch.testing.assert_close(cos, torch.cos(positions[:, None] * frequencies).float())
+    model.to(torch.bfloat16)  # a bf16 engine converts parameters and buffers; the table stays fp32
+    assert model.rope(torch.device("cpu"))[1].dtype == torch.float32
+    assert rope_table(16, 8, 10_000.0)[0].shape == (8, 8)
+
+
 def test_no_token_attends_to_an_earlier_document():
     model = tiny_model()
     tokens = torch.randint(0, VOCAB, (1, 30))
@@ -128,6 +158,15 @@ def test_splice_embeddings_at_placeholders():
     assert vectors.grad is not None and vectors.grad.abs().sum() > 0  # the adapter path trains through it
     with pytest.raises(ValueError, match=r"splice_embeddings must have shape \(4, 64\)"):
         model.embed_tokens(tokens, splice, torch.randn(3, model.config.dim))
+
+
+def test_dropout_only_in_training_mode():
+    model = tiny_model(dropout=0.3)
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    model.train()
+    assert not torch.allclose(model(tokens).logits, model(tokens).logits)
+    model.eval()
+    torch.testing.assert_close(model(tokens).logits, model(tokens).logits)
 
 
 def test_tied_embeddings_share_the_matrix():

@@ -60,11 +60,12 @@ def resume_from(run: Path, copy: Path, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_one_process_lowers_loss_and_resumes_exactly(lm_data, tmp_path):
+def test_one_process_with_accumulation_lowers_loss_and_resumes_exactly(lm_data, tmp_path):
     run = tmp_path / "run"
+    accumulate = ["--set", "train.grad_accum_steps=2", "--set", "train.micro_batch_size=2"]
     result = train(lm_data.packed, run, "--steps", "8", "--set", "train.checkpoint_every=4",
-                   "--deepspeed_config", ZERO[2])
-    assert "ZeRO stage 2" in result.stdout and "world size 1" in result.stdout
+                   "--deepspeed_config", ZERO[2], *accumulate)
+    assert "ZeRO stage 2" in result.stdout and "world size 1" in result.stdout and "256 tokens/step" in result.stdout
     records = log(run)
     assert [r["step"] for r in records] == list(range(1, 9))
     start, end = first_and_last(records)
@@ -91,12 +92,16 @@ def test_one_process_lowers_loss_and_resumes_exactly(lm_data, tmp_path):
     resumed = tmp_path / "resumed"
     resume_from(run, resumed, 4)
     result = train(lm_data.packed, resumed, "--steps", "8", "--resume", "--set", "train.checkpoint_every=4",
-                   "--deepspeed_config", ZERO[2])
+                   "--deepspeed_config", ZERO[2], *accumulate)
     assert "resumed" in result.stdout and "at step 4" in result.stdout
     again = log(resumed)
     assert [r["step"] for r in again] == list(range(1, 9))  # lines after step 4 were replaced, not duplicated
     for a, b in zip(records[4:], again[4:]):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
+    # a resume that would change the data order is refused, not silently misaligned
+    changed = train(lm_data.packed, resumed, "--steps", "12", "--resume", "--deepspeed_config", ZERO[2],
+                    "--set", "train.micro_batch_size=3", check=False)
+    assert changed.returncode == 2 and "data order would differ" in changed.stderr, changed.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -120,6 +125,22 @@ def test_two_processes_deepspeed_launcher(lm_data, tmp_path, stage):
               "--deepspeed_config", ZERO[stage], processes=2)
         for a, b in zip(records[4:], log(resumed)[4:]):
             assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+
+
+@pytest.mark.slow
+def test_bf16_weights_train(lm_data, tmp_path):
+    """The GPU precision path (DeepSpeed bf16: bf16 weights and activations, fp32 master weights) forced on CPU."""
+    config = tmp_path / "bf16.json"
+    config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    run = tmp_path / "run"
+    train(lm_data.packed, run, "--steps", "6", "--deepspeed_config", str(config))
+    records = log(run)
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] is not None for r in records)
+    start, end = first_and_last(records, 2)
+    assert end < start, f"bf16 loss did not fall: {start:.3f} -> {end:.3f}"
+    from safetensors.torch import load_file
+
+    assert load_file(run / "checkpoints/step_00000006/model.safetensors")["embed.weight"].dtype == torch.bfloat16
 
 
 DIVERGE = textwrap.dedent("""
@@ -218,3 +239,41 @@ def test_resume_with_another_vocabulary_is_refused(lm_data, tmp_path):
     other.save(run / "vocab")
     result = train(lm_data.packed, run, "--resume", check=False)
     assert result.returncode == 2 and "the ids would mean different tokens" in result.stderr, result.stderr
+
+
+ZERO3_BUILD = textwrap.dedent("""
+    import json, sys, torch
+    import deepspeed
+    from unified_lm.config import preset
+    from unified_lm.model import UnifiedTransformer
+    from unified_lm.train import ensure_launch_env, import_deepspeed, parameter_groups
+    ensure_launch_env()
+    import_deepspeed(on_cpu=True)
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = preset("tiny").model
+    config.vocab_size, config.n_layers = 300, 4
+    torch.manual_seed(0)
+    plain = UnifiedTransformer(config)
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        partitioned = UnifiedTransformer(config)
+    groups = lambda model: [len(g["params"]) for g in parameter_groups(model, 0.1)]
+    with deepspeed.zero.GatheredParameters(list(partitioned.parameters())):
+        o_std = float(partitioned.layers[0].attention.o_proj.weight.float().std())
+        q_std = float(partitioned.layers[0].attention.q_proj.weight.float().std())
+    print(json.dumps({"groups": [groups(plain), groups(partitioned)], "o_std": o_std, "q_std": q_std,
+                      "flops": [plain.flops_per_token(64), partitioned.flops_per_token(64)]}))
+""")
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_build_matches_the_plain_model(tmp_path):
+    """Under zero.Init parameters are 1-D shards: decay groups, depth-scaled init and FLOPs must not depend on it."""
+    script = tmp_path / "zero3_build.py"
+    script.write_text(ZERO3_BUILD)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert facts["groups"][0] == facts["groups"][1] and facts["groups"][0][1] > 0  # norms (incl. QK-norm) not decayed
+    assert facts["flops"][0] == facts["flops"][1] > 0
+    assert abs(facts["q_std"] - 0.02) < 0.003 and abs(facts["o_std"] - 0.02 / 8**0.5) < 0.002  # 1/sqrt(2 L), L = 4

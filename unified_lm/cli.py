@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--vocab", required=True, help="vocabulary directory (from `unified-lm vocab`)")
     prepare.add_argument("--out", required=True, help="packed dataset directory")
     prepare.add_argument("--tokens", action="append", help="vqtok token store(s) holding the documents' images")
-    prepare.add_argument("--tokenizer", help="vqtok run to encode images no store holds (cached in OUT/image_tokens)")
+    prepare.add_argument("--tokenizer", help="vqtok run to encode images no store holds (cached in OUT/image_tokens_RES)")
     prepare.add_argument("--image-resolution", type=int, help="encode size for --tokenizer (default: the tokenizer's)")
     prepare.add_argument("--seq-len", type=int, default=512, help="training sequence length, tokens")
     prepare.add_argument("--train-on", choices=("all", "text", "image"), default="all",

@@ -101,6 +101,7 @@ class UnifiedConfig:
             (train.schedule in ("cosine", "chameleon", "constant"), f"train.schedule must be cosine, chameleon or constant, got {train.schedule!r}"),
             (0.0 < train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in (0, 1]"),
             (train.log_every > 0 and train.checkpoint_every > 0 and train.stats_every > 0, "train.log_every, stats_every and checkpoint_every must be positive"),
+            (train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1 (the newest checkpoint is never deleted)"),
         ]
         for ok, message in checks:
             if not ok:

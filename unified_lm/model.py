@@ -38,6 +38,7 @@ class ModelOutput:
     z_loss: torch.Tensor | None = None  # detached mean z_loss_weight * log_z^2
     log_z: torch.Tensor | None = None  # detached mean log Z
     tokens: torch.Tensor | None = None  # number of loss tokens (text, image) as a (2,) tensor
+    sums: torch.Tensor | None = None  # detached (5,): sums over loss tokens of loss, text ce, image ce, z term, log Z
     layer_stats: list[dict] = field(default_factory=list)  # per layer: max_qk_logit, output_rms (collect_stats)
 
 
@@ -67,10 +68,12 @@ class HeadLayerNorm(nn.Module):
         return normed * self.weight + self.bias
 
 
-def rope_table(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (max_positions, head_dim / 2), fp32."""
-    frequencies = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), frequencies)
+def rope_table(head_dim: int, max_positions: int, theta: float,
+               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (max_positions, head_dim / 2), fp32, computed in fp64 from integer positions
+    (float aranges would be cast to bf16 inside DeepSpeed's zero.Init, which breaks positions above 256)."""
+    frequencies = theta ** (-torch.arange(0, head_dim, 2, device=device).double() / head_dim)
+    angles = torch.outer(torch.arange(max_positions, device=device).double(), frequencies)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -100,6 +103,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.o_proj.residual_projection = True  # depth-scaled init (see UnifiedTransformer._init_weights)
         self.q_norm = HeadLayerNorm(config.n_heads, config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = HeadLayerNorm(config.n_kv_heads, config.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
@@ -127,6 +131,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w2.residual_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -184,17 +189,22 @@ class UnifiedTransformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = OutputHead(config.dim, config.vocab_size, self.embed if config.tied_embeddings else None)
         self.embed_dropout = nn.Dropout(config.dropout)
-        cos, sin = rope_table(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        for name, parameter in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith(("o_proj.weight", "w2.weight")):
-                nn.init.normal_(parameter, std=config.init_std / math.sqrt(2 * config.n_layers))
+        # RoPE tables are a cache, not buffers: precision wrappers (bf16 engines) must never cast them
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.apply(self._init_weights)  # through apply(), so ZeRO-3 gathers each partitioned weight
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)) or (isinstance(module, OutputHead) and module.weight is not None):
-            nn.init.normal_(module.weight, std=self.config.init_std)
+            std = self.config.init_std
+            if getattr(module, "residual_projection", False):  # GPT-2: scale residual projections by depth
+                std /= math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(module.weight, std=std)
+
+    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].device != device:
+            config = self.config
+            self._rope = rope_table(config.head_dim, config.max_seq_len, config.rope_theta, device)
+        return self._rope
 
     def embed_tokens(self, tokens: torch.Tensor, splice_mask: torch.Tensor | None = None,
                      splice_embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,11 +222,13 @@ class UnifiedTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, image_targets: torch.Tensor | None = None,
                 splice_mask: torch.Tensor | None = None, splice_embeddings: torch.Tensor | None = None,
-                collect_stats: bool = False) -> ModelOutput:
+                loss_denominator: float | None = None, collect_stats: bool = False) -> ModelOutput:
         """tokens, targets, loss_mask, document_ids, image_targets, splice_mask: (B, T).
 
-        document_ids=None means one document per row. image_targets marks targets that are image tokens, for the
-        per-modality losses. Without targets, returns logits (B, T, V).
+        document_ids=None means one document per row. image_targets marks targets that belong to pictures, for
+        the per-modality losses. The loss is the masked sum divided by `loss_denominator` (default: this batch's
+        target count); training passes a share of the whole step's target count so every target token weighs
+        the same whatever micro-batch or rank it lands in. Without targets, returns logits (B, T, V).
         """
         batch, length = tokens.shape
         if length > self.config.max_seq_len:
@@ -225,7 +237,8 @@ class UnifiedTransformer(nn.Module):
             positions = positions_in_documents(document_ids)
         else:
             positions = torch.arange(length, device=tokens.device).expand(batch, length)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos_table, sin_table = self.rope(tokens.device)
+        cos, sin = cos_table[positions], sin_table[positions]
         x = self.embed_dropout(self.embed_tokens(tokens, splice_mask, splice_embeddings))
         layer_stats = []
         for layer in self.layers:
@@ -238,32 +251,38 @@ class UnifiedTransformer(nn.Module):
         if targets is None:
             return ModelOutput(logits=self.lm_head(x.reshape(batch * length, -1)).view(batch, length, -1),
                                layer_stats=layer_stats)
-        return self._loss(x, targets, loss_mask, image_targets, layer_stats)
+        return self._loss(x, targets, loss_mask, image_targets, loss_denominator, layer_stats)
 
-    def _loss(self, x, targets, loss_mask, image_targets, layer_stats) -> ModelOutput:
+    def _loss(self, x, targets, loss_mask, image_targets, loss_denominator, layer_stats) -> ModelOutput:
         ce, log_z = self.lm_head(x.reshape(-1, x.shape[-1]), targets.reshape(-1))
         mask = torch.ones_like(ce) if loss_mask is None else loss_mask.reshape(-1).to(ce.dtype)
         z_term = self.config.z_loss_weight * log_z.pow(2)
         count = mask.sum().clamp(min=1.0)
-        loss = ((ce + z_term) * mask).sum() / count
+        loss_sum = ((ce + z_term) * mask).sum()
+        loss = loss_sum / (count if loss_denominator is None else loss_denominator)
         with torch.no_grad():
             image = torch.zeros_like(mask) if image_targets is None else image_targets.reshape(-1).to(mask.dtype)
             image_mask, text_mask = mask * image, mask * (1 - image)
+            sums = torch.stack([loss_sum.detach(), (ce * text_mask).sum(), (ce * image_mask).sum(),
+                                (z_term * mask).sum(), (log_z * mask).sum()])
             text_count, image_count = text_mask.sum(), image_mask.sum()
             return ModelOutput(
                 loss=loss,
-                text_loss=(ce * text_mask).sum() / text_count,  # NaN when there are no text targets
-                image_loss=(ce * image_mask).sum() / image_count,
-                z_loss=(z_term * mask).sum() / count,
-                log_z=(log_z * mask).sum() / count,
+                text_loss=sums[1] / text_count,  # NaN when there are no text targets
+                image_loss=sums[2] / image_count,
+                z_loss=sums[3] / count,
+                log_z=sums[4] / count,
                 tokens=torch.stack([text_count, image_count]),
+                sums=sums,
                 layer_stats=layer_stats,
             )
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 N + 12 L T d (PaLM appendix B), N without embeddings."""
+        """Training FLOPs per token (forward + backward): 6 N + 12 L T d (PaLM appendix B), where N counts the
+        weights used in matmuls (every projection and the output head; not the embedding lookup). Computed from
+        the config, so it holds for partitioned (ZeRO-3) parameters too."""
         config = self.config
-        matmul_parameters = sum(p.numel() for p in self.parameters()) - config.vocab_size * config.dim  # no lookups
-        if config.tied_embeddings:  # the tied matrix is counted once above but used as the output projection
-            matmul_parameters += config.vocab_size * config.dim
+        attention = config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
+        feed_forward = 3 * config.dim * config.hidden_dim
+        matmul_parameters = config.n_layers * (attention + feed_forward) + config.vocab_size * config.dim
         return 6 * matmul_parameters + 12 * config.n_layers * seq_len * config.dim

@@ -7,11 +7,12 @@ Layout of a packed dataset directory:
     shards/rows-00000.tokens      (rows, seq_len + 1) token ids, uint16 when the vocabulary fits, else int32
     shards/rows-00000.documents   (rows, seq_len + 1) uint16 document number inside the row; 0 = padding
     shards/rows-00000.loss        (rows, seq_len + 1) uint8: 1 where the token is a training target
-    image_tokens/                 vqtok token store of pictures encoded by prepare itself (reused on re-runs)
+    image_tokens_<resolution>/    vqtok token store of pictures encoded by prepare itself (reused on re-runs)
 
 Rows hold seq_len + 1 tokens so inputs = row[:-1] and targets = row[1:]. Packing is greedy and deterministic:
 documents (in a seeded shuffled order) fill a row; a document that does not fit in the rest of a row starts a
-new one (the rest is padding) unless it is longer than a row, in which case it is split across rows. A target
+new one (the rest is padding) unless it is longer than a row, in which case it is split across rows (the
+first token of each continuation row has no predecessor in its row, so it is not a target). A target
 counts only where its loss flag is set and it belongs to the same document as its input token, so nothing is
 learned across a document boundary. Shards are memory-mapped: datasets larger than RAM are fine.
 """
@@ -140,7 +141,13 @@ class PackedDataset:
         if not info_path.is_file():
             raise FileNotFoundError(f"{self.root} is not a packed dataset (no dataset.json; make one with "
                                     "`unified-lm prepare`)")
-        self.info = json.loads(info_path.read_text())
+        try:
+            self.info = json.loads(info_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{info_path}: invalid JSON ({err})") from None
+        missing = [k for k in ("format", "row_length", "token_dtype", "vocab_fingerprint", "shards") if k not in self.info]
+        if missing:
+            raise ValueError(f"{info_path}: missing field(s) {missing}")
         if self.info.get("format") != FORMAT:
             raise ValueError(f"{info_path}: unsupported format {self.info.get('format')!r}")
         self.vocab = vocab or Vocabulary.load(self.root / "vocab")
@@ -160,6 +167,12 @@ class PackedDataset:
                 arrays[suffix] = np.memmap(path, dtype=dtype, mode="r", shape=(shard["rows"], self.row_length))
             self._shards.append(arrays)
         self._starts = np.cumsum([0] + [s["rows"] for s in self.info["shards"]])
+
+    @property
+    def identity(self) -> dict:
+        """What fixes the data order: resuming on a dataset with another identity would skip or repeat rows."""
+        return {"rows": len(self), "row_length": self.row_length, "vocab_fingerprint": self.info["vocab_fingerprint"],
+                "seed": self.info.get("seed"), "documents": self.info.get("documents")}
 
     @property
     def seq_len(self) -> int:
@@ -185,7 +198,17 @@ class PackedDataset:
         targets = tokens[:, 1:]
         same_document = (documents[:, 1:] == documents[:, :-1]) & (documents[:, 1:] != 0)
         return Batch(inputs=tokens[:, :-1], targets=targets, loss_mask=loss[:, 1:] & same_document,
-                     document_ids=documents[:, :-1], image_targets=self.vocab.is_image(targets))
+                     document_ids=documents[:, :-1], image_targets=self.vocab.in_picture(targets))
+
+    def count_targets(self, indices: list[int]) -> int:
+        """Training targets in these rows (what `batch(indices).loss_mask.sum()` would give), read from the loss
+        and document arrays only: cheap enough to count a whole step's rows on every rank."""
+        total = 0
+        for index in indices:
+            row = self[index]
+            same_document = (row.documents[1:] == row.documents[:-1]) & (row.documents[1:] != 0)
+            total += int((row.loss[1:] & same_document).sum())
+        return total
 
 
 def batch_indices(step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int,
@@ -228,7 +251,7 @@ def write_dataset(out: Path, rows: Iterable[PackedRow], vocab: Vocabulary, row_l
         totals["tokens"] += row_length
         totals["padding_tokens"] += int((row.documents == 0).sum())
         totals["target_tokens"] += int(row.loss.sum())
-        totals["image_target_tokens"] += int((row.loss & vocab.is_image(row.tokens)).sum())
+        totals["image_target_tokens"] += int((row.loss & vocab.in_picture(row.tokens)).sum())
     shards = writer.close()
     if not shards:
         shutil.rmtree(building)

@@ -2,7 +2,9 @@
 
 Images are found, in order: in the token stores given with `--tokens` (looked up by absolute path through each
 store's recorded source root), by `image_ref` into a named store, or encoded by prepare itself with
-`--tokenizer` into OUT/image_tokens (a vqtok token store, resumable, reused by later runs). Every image's
+`--tokenizer` into OUT/image_tokens_<resolution> (a vqtok token store, resumable, reused by later runs).
+Documents are parsed into memory (text and image references, not pixels or codes); the packed output is
+written shard by shard and read back memory-mapped. Every image's
 tokenizer must match the vocabulary (codebook size, and weights when the vocabulary recorded them).
 The same inputs and seed give byte-identical shards; dataset.json is written last, so an interrupted run never
 leaves a dataset that looks complete.
@@ -137,7 +139,9 @@ def prepare(documents_files: list[str], vocab_dir: str, out: str, settings: Prep
             documents.append(Document(f"text-{number}", [text], [None], "all", f"{settings.text_corpus} #{number}"))
     if not documents:
         raise ValueError(f"no documents in {documents_files}" + (f" with split {settings.split!r}" if settings.split else ""))
-    images = ImageCodes(vocab, list(stores), tokenizer, out_path / "image_tokens", settings.image_resolution, device)
+    # one cache per encode size: codes of the same picture at another resolution are another grid
+    cache = out_path / f"image_tokens_{settings.image_resolution or 'native'}"
+    images = ImageCodes(vocab, list(stores), tokenizer, cache, settings.image_resolution, device)
     missing = images.missing(documents)
     if missing:
         if tokenizer is None:

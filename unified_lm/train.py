@@ -30,7 +30,6 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ import torch.distributed as dist
 from vqtok.checkpoint import atomic_write_text
 
 from .config import UnifiedConfig
-from .model import ModelOutput, UnifiedTransformer
+from .model import ModelOutput, OutputHead, UnifiedTransformer
 from .packing import PackedDataset, batch_indices
 from .plot import plot_losses
 
@@ -128,9 +127,12 @@ def learning_rate_factor(step: int, config: UnifiedConfig) -> float:
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (projections, embeddings), none on norms and biases."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """Weight decay on projection and embedding matrices, none on norm weights and biases (incl. QK-norm's
+    per-head (H, D) affines). Chosen by module type, not tensor rank: ZeRO-3 partitions parameters to 1-D."""
+    decayed = {id(m.weight) for m in model.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, OutputHead)) and m.weight is not None}
+    decay = [p for p in model.parameters() if id(p) in decayed]
+    no_decay = [p for p in model.parameters() if id(p) not in decayed]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -141,18 +143,25 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-@dataclass
-class StepMetrics:
-    """Sums over one optimizer step's micro-batches (this rank), reduced across ranks before logging."""
+class LogWindow:
+    """Running sums since the last log line, kept on the device so micro-steps never wait for the host."""
 
-    loss: float = 0.0
-    text_ce: float = 0.0
-    image_ce: float = 0.0
-    z_loss: float = 0.0
-    log_z: float = 0.0
-    text_tokens: float = 0.0
-    image_tokens: float = 0.0
-    micro_batches: int = 0
+    def __init__(self, device: torch.device):
+        # loss, text ce, image ce, z term, log Z (each summed over target tokens), then text and image token counts
+        self.sums = torch.zeros(7, dtype=torch.float64, device=device)
+        self.layer_stats: list[dict] = []
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.paused = 0.0  # seconds spent on checkpoints, excluded from throughput
+
+    def add(self, output: ModelOutput) -> None:
+        self.sums += torch.cat([output.sums.double(), output.tokens.double()])
+        if output.layer_stats:
+            self.layer_stats = output.layer_stats
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
 
 
 class Trainer:
@@ -194,6 +203,13 @@ class Trainer:
         self.step = 0
         self.peak_flops = peak_flops(self.device)
 
+    @property
+    def data_order(self) -> dict:
+        """Everything `batch_indices` depends on besides the step: equal on resume means the same next batches."""
+        train = self.config.train
+        return {"world_size": self.world_size, "micro_batch_size": train.micro_batch_size,
+                "grad_accum_steps": train.grad_accum_steps, "seed": train.seed, **self.dataset.identity}
+
     # -- checkpoints --------------------------------------------------------------------------------------------
     def resume(self) -> bool:
         latest = self.out / "latest"
@@ -203,6 +219,12 @@ class Trainer:
         load_path, client_state = self.engine.load_checkpoint(str(self.out / CHECKPOINT_DIR), tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"{latest} names {tag}, but DeepSpeed could not load {self.out / CHECKPOINT_DIR / tag}")
+        saved = client_state.get("data_order", {})
+        changed = {key: (saved.get(key), value) for key, value in self.data_order.items() if saved.get(key) != value}
+        if changed:
+            raise ValueError(f"--resume of {self.out}: the data order would differ from the interrupted run "
+                             f"(saved, now): {changed}; resume with the same dataset, world size, micro-batch, "
+                             "accumulation and seed, or start a new run")
         self.step = int(client_state["step"])
         if self.rank == 0:  # drop log lines written after this checkpoint by the interrupted run
             self._truncate_log(self.step)
@@ -212,7 +234,7 @@ class Trainer:
         tag = f"step_{self.step:08d}"
         directory = self.out / CHECKPOINT_DIR / tag
         self.engine.save_checkpoint(str(self.out / CHECKPOINT_DIR), tag=tag, save_latest=False,
-                                    client_state={"step": self.step})
+                                    client_state={"step": self.step, "data_order": self.data_order})
         if self.zero_stage == 3:  # every rank takes part in gathering the partitions
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
@@ -241,9 +263,14 @@ class Trainer:
     def _truncate_log(self, step: int) -> None:
         path = self.out / "log.jsonl"
         if path.exists():
-            lines = [line for line in path.read_text().splitlines(keepends=True)
-                     if line.endswith("\n") and json.loads(line)["step"] <= step]
-            atomic_write_text(path, "".join(lines))
+            kept = []
+            for line in path.read_text().splitlines(keepends=True):
+                try:
+                    if line.endswith("\n") and json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line torn by the interruption
+            atomic_write_text(path, "".join(kept))
 
     # -- training -----------------------------------------------------------------------------------------------
     @property
@@ -251,98 +278,106 @@ class Trainer:
         train = self.config.train
         return train.micro_batch_size * train.grad_accum_steps * self.world_size * self.dataset.seq_len
 
-    def _micro_batch(self, micro_step: int):
+    def _rows(self, micro_step: int, rank: int) -> list[int]:
         train = self.config.train
-        indices = batch_indices(self.step, micro_step, self.rank, self.world_size, train.micro_batch_size,
-                                train.grad_accum_steps, len(self.dataset), train.seed)
-        return self.dataset.batch(indices).to(self.device)
+        return batch_indices(self.step, micro_step, rank, self.world_size, train.micro_batch_size,
+                             train.grad_accum_steps, len(self.dataset), train.seed)
 
-    def train_step(self, collect_stats: bool, metrics: StepMetrics | None = None) -> tuple[StepMetrics, list[dict]]:
-        """One optimizer step over grad_accum_steps micro-batches, adding its losses into `metrics` (the log
-        window's running sums). Raises TrainingDiverged before any update that a non-finite loss would poison,
-        on every rank at once."""
+    def _step_targets(self) -> int:
+        """Target tokens in this optimizer step's rows across all micro-steps and ranks (a pure function of the
+        step, so each rank counts it locally with no communication)."""
+        return self.dataset.count_targets([i for micro_step in range(self.config.train.grad_accum_steps)
+                                           for rank in range(self.world_size) for i in self._rows(micro_step, rank)])
+
+    def train_step(self, collect_stats: bool, window: LogWindow | None = None) -> LogWindow:
+        """One optimizer step over grad_accum_steps micro-batches, its losses added into `window`.
+
+        Every target token of the step weighs the same: each micro-batch's loss sum is divided by its share of
+        the step's target count, and DeepSpeed's 1/accum scaling and rank averaging complete the mean. A
+        non-finite loss on any rank raises TrainingDiverged before the update, on every rank at once."""
         train = self.config.train
         torch.manual_seed(hash((train.seed, self.step, self.rank)) % (1 << 63))  # dropout: a function of the step
-        metrics, layer_stats = metrics if metrics is not None else StepMetrics(), []
+        window = window or LogWindow(self.device)
+        share = max(1, self._step_targets()) / (train.grad_accum_steps * self.world_size)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         for micro_step in range(train.grad_accum_steps):
-            batch = self._micro_batch(micro_step)
-            output: ModelOutput = self.engine(batch.inputs, **batch.model_kwargs(),
+            batch = self.dataset.batch(self._rows(micro_step, self.rank)).to(self.device)
+            output: ModelOutput = self.engine(batch.inputs, **batch.model_kwargs(), loss_denominator=share,
                                               collect_stats=collect_stats and micro_step == 0)
-            self._check_finite(output.loss)
+            finite &= torch.isfinite(output.loss.detach())
             self.engine.backward(output.loss)
+            if micro_step == train.grad_accum_steps - 1:
+                self._raise_if_diverged(finite, "loss")  # one host sync per optimizer step, before the update
             self.engine.step()
-            self._accumulate(metrics, output)
-            layer_stats = output.layer_stats or layer_stats
-        return metrics, layer_stats
+            window.add(output)
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and not math.isfinite(float(norm)):  # the update is poisoned: stop before any save
+            self._raise_if_diverged(torch.zeros((), dtype=torch.bool, device=self.device), "gradient norm")
+        window.steps += 1
+        return window
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=self.device)
+    def _raise_if_diverged(self, finite: torch.Tensor, what: str) -> None:
+        bad = (~finite).float().reshape(1)
         if self.world_size > 1:
             dist.all_reduce(bad)
         if bad.item() > 0:
             latest = self.out / "latest"
             kept = self.out / CHECKPOINT_DIR / latest.read_text().strip() if latest.is_file() else "none (no checkpoint yet)"
-            raise TrainingDiverged(f"loss is not finite at step {self.step + 1} (value on rank {self.rank}: "
-                                   f"{loss.item()}); stopping without updating the weights. Last good checkpoint: "
-                                   f"{kept}. Lower train.lr, raise model.z_loss_weight, or enable model.qk_norm.")
+            raise TrainingDiverged(f"{what} is not finite at step {self.step + 1}; stopping without saving this "
+                                   f"step. Last good checkpoint: {kept}. Lower train.lr, raise model.z_loss_weight, "
+                                   "or enable model.qk_norm.")
 
-    @staticmethod
-    def _accumulate(metrics: StepMetrics, output: ModelOutput) -> None:
-        text_tokens, image_tokens = (float(t) for t in output.tokens)
-        metrics.loss += float(output.loss.detach())
-        metrics.text_ce += float(output.text_loss) * text_tokens if text_tokens else 0.0
-        metrics.image_ce += float(output.image_loss) * image_tokens if image_tokens else 0.0
-        metrics.z_loss += float(output.z_loss)
-        metrics.log_z += float(output.log_z)
-        metrics.text_tokens += text_tokens
-        metrics.image_tokens += image_tokens
-        metrics.micro_batches += 1
-
-    def _reduce(self, metrics: StepMetrics) -> dict:
-        values = torch.tensor([metrics.loss, metrics.text_ce, metrics.image_ce, metrics.z_loss, metrics.log_z,
-                               metrics.text_tokens, metrics.image_tokens, metrics.micro_batches],
-                              dtype=torch.float64, device=self.device)
+    def _reduce(self, window: LogWindow) -> dict:
+        sums = window.sums.clone()
         if self.world_size > 1:
-            dist.all_reduce(values)
-        loss, text_ce, image_ce, z_loss, log_z, text_tokens, image_tokens, micro_batches = values.tolist()
-        return {"loss": loss / micro_batches, "text_loss": text_ce / text_tokens if text_tokens else None,
-                "image_loss": image_ce / image_tokens if image_tokens else None, "z_loss": z_loss / micro_batches,
-                "log_z": log_z / micro_batches, "text_tokens": int(text_tokens), "image_tokens": int(image_tokens)}
+            dist.all_reduce(sums)
+        loss, text_ce, image_ce, z_term, log_z, text_tokens, image_tokens = sums.tolist()
+        tokens = max(1.0, text_tokens + image_tokens)
+        return {"loss": loss / tokens, "text_loss": text_ce / text_tokens if text_tokens else None,
+                "image_loss": image_ce / image_tokens if image_tokens else None, "z_loss": z_term / tokens,
+                "log_z": log_z / tokens, "text_tokens": int(text_tokens), "image_tokens": int(image_tokens)}
+
+    def _layer_stats(self, window: LogWindow) -> dict:
+        """Per-layer max |q.k| logit and output RMS, the maximum over ranks (all ranks collect on the same steps)."""
+        if not window.layer_stats:
+            return {}
+        stats = torch.stack([torch.stack([s["max_qk_logit"].float(), s["output_rms"].float()])
+                             for s in window.layer_stats]).to(self.device)
+        if self.world_size > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        return {"max_qk_logit": [round(v, 4) for v in stats[:, 0].tolist()],
+                "output_rms": [round(v, 4) for v in stats[:, 1].tolist()]}
 
     def train(self) -> dict:
         train = self.config.train
         self.engine.train()
-        window_start, window_steps, window = time.perf_counter(), 0, StepMetrics()
+        window = LogWindow(self.device)
         record: dict = {}
-        stats: list[dict] = []
         while self.step < train.steps:
             collect_stats = (self.step + 1) % train.stats_every == 0 or self.step == 0
-            _, layer_stats = self.train_step(collect_stats, window)
-            stats = layer_stats if collect_stats else stats
+            self.train_step(collect_stats, window)
             self.step += 1
-            window_steps += 1
             if self.step % train.log_every == 0 or self.step == train.steps:
-                elapsed = time.perf_counter() - window_start
-                record = self._log(window, stats, window_steps / elapsed)
-                window_start, window_steps, window, stats = time.perf_counter(), 0, StepMetrics(), []
+                record = self._log(window)
+                window = LogWindow(self.device)
             if self.step % train.checkpoint_every == 0 or self.step == train.steps:
+                started = time.perf_counter()
                 self.save()
+                window.paused += time.perf_counter() - started
         return record
 
-    def _log(self, metrics: StepMetrics, layer_stats: list[dict], steps_per_second: float) -> dict:
-        """One JSONL line: losses averaged over the steps since the last line (all ranks), the last step's grad
-        norm and lr, throughput, and the per-layer stability signals when this window collected them."""
-        record = {"step": self.step, **self._reduce(metrics)}
+    def _log(self, window: LogWindow) -> dict:
+        """One JSONL line: losses averaged over the target tokens of every step since the last line (all ranks),
+        the last step's grad norm and lr, throughput, and the per-layer stability signals when collected."""
+        record = {"step": self.step, **self._reduce(window)}
         norm = self.engine.get_global_grad_norm()
         record["grad_norm"] = None if norm is None else float(norm)
-        record["lr"] = self.scheduler.get_last_lr()[0]
-        tokens_per_second = steps_per_second * self.tokens_per_step
+        record["lr"] = self.config.train.lr * learning_rate_factor(self.step - 1, self.config)  # of the step just taken
+        tokens_per_second = window.steps * self.tokens_per_step / window.seconds
         record["tokens_per_s"] = round(tokens_per_second, 1)
         record["mfu"] = (self.flops_per_token * tokens_per_second / (self.peak_flops * self.world_size)
                          if self.peak_flops else None)
-        if layer_stats:
-            record["max_qk_logit"] = [round(float(s["max_qk_logit"]), 4) for s in layer_stats]
-            record["output_rms"] = [round(float(s["output_rms"]), 4) for s in layer_stats]
+        record.update(self._layer_stats(window))
         if self.rank == 0:
             with open(self.out / "log.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")

@@ -87,6 +87,10 @@ class Vocabulary:
         """Works on numpy arrays and torch tensors alike (elementwise bool)."""
         return (ids >= self.image_offset) & (ids < self.size)
 
+    def in_picture(self, ids):
+        """Image codes and the <boi>/<eoi> brackets around them: the image side of the per-modality losses."""
+        return self.is_image(ids) | (ids == self.special.boi) | (ids == self.special.eoi)
+
     def is_text(self, ids):
         return ids < self.text_size
 
@@ -131,8 +135,14 @@ class Vocabulary:
             raise ValueError(f"{info_path}: invalid JSON ({err})") from None
         if info.get("format") != FORMAT:
             raise ValueError(f"{info_path}: unsupported vocabulary format {info.get('format')!r}")
-        vocab = cls(model_path.read_bytes(), int(info["codebook_size"]), info.get("tokenizer"))
-        if vocab.describe()["text_model_sha256"] != info["text_model_sha256"] or vocab.size != info["size"]:
+        try:
+            vocab = cls(model_path.read_bytes(), int(info["codebook_size"]), info.get("tokenizer"))
+            consistent = vocab.describe()["text_model_sha256"] == info["text_model_sha256"] and vocab.size == info["size"]
+        except KeyError as err:
+            raise ValueError(f"{info_path}: missing field {err.args[0]!r}") from None
+        except RuntimeError as err:
+            raise ValueError(f"{model_path}: not a sentencepiece model ({err})") from None
+        if not consistent:
             raise ValueError(f"{directory}: {TEXT_MODEL_FILE} does not match {VOCAB_FILE} (sha256 or size differ)")
         return vocab
 
