@@ -42,6 +42,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: t
     return attention_reference(q, k, v, document_ids, dropout_p)
 
 
+def cached_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start: int,
+                               key_valid: torch.Tensor) -> torch.Tensor:
+    """Attention of new queries over a key/value cache (incremental decoding).
+
+    q: (B, H, T, D) for cache slots [query_start, query_start + T); k, v: (B, H_kv, S, D) for slots [0, S) with
+    S = query_start + T; key_valid: (B, S) bool, False at padding. A query sees earlier-or-equal valid slots; a
+    padding query sees only itself, which keeps its (unused) output finite so it cannot poison later steps.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    query_slots = torch.arange(query_start, query_start + q.shape[2], device=q.device)[:, None]
+    key_slots = torch.arange(k.shape[2], device=q.device)[None, :]
+    allowed = (key_slots <= query_slots)[None] & (key_valid[:, None, :] | (key_slots == query_slots)[None])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start: int,
+                     key_valid: torch.Tensor) -> torch.Tensor:
+    """Dispatch for decoding with a KV cache: the PyTorch reference on every device until a kernel lands."""
+    return cached_attention_reference(q, k, v, query_start, key_valid)
+
+
 def max_attention_logit(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Largest |q.k| / sqrt(D) over allowed (causal, same-document) pairs: Chameleon's divergence signal.
 

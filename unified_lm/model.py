@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import attention, max_attention_logit
+from kernels.attention import attention, cached_attention, max_attention_logit
 from kernels.linear_cross_entropy import linear_cross_entropy
 
 from .config import ModelConfig
@@ -40,6 +40,51 @@ class ModelOutput:
     tokens: torch.Tensor | None = None  # number of loss tokens (text, image) as a (2,) tensor
     sums: torch.Tensor | None = None  # detached (5,): sums over loss tokens of loss, text ce, image ce, z term, log Z
     layer_stats: list[dict] = field(default_factory=list)  # per layer: max_qk_logit, output_rms (collect_stats)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for incremental decoding, one (B, n_kv_heads, capacity, head_dim) pair per layer.
+
+    Rows of different prompt lengths are left-padded so every row writes the same slots; `key_valid` marks the
+    slots that hold real tokens. `length` counts the slots written so far.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_valid: torch.Tensor  # (B, capacity) bool
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch: int, capacity: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> KVCache:
+        if capacity > config.max_seq_len:
+            raise ValueError(f"KV cache capacity {capacity} exceeds model max_seq_len {config.max_seq_len}")
+        shape = (batch, config.n_kv_heads, capacity, config.head_dim)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+                   torch.zeros(batch, capacity, dtype=torch.bool, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.key_valid.shape[1]
+
+
+@dataclass
+class LayerCache:
+    """One layer's view of a KVCache while `count` new tokens are written at slot `start`."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_valid: torch.Tensor
+    start: int
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, H_kv, T, D) -> all keys/values up to and including them."""
+        end = self.start + k.shape[2]
+        self.keys[:, :, self.start : end] = k
+        self.values[:, :, self.start : end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class RMSNorm(nn.Module):
@@ -108,7 +153,7 @@ class Attention(nn.Module):
         self.k_norm = HeadLayerNorm(config.n_kv_heads, config.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, document_ids, stats: dict | None):
+    def forward(self, x, cos, sin, document_ids, stats: dict | None = None, cache: LayerCache | None = None):
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
@@ -119,7 +164,11 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if stats is not None:
             stats["max_qk_logit"] = max_attention_logit(q.detach(), k.detach(), document_ids)
-        out = attention(q, k, v, document_ids, self.dropout if self.training else 0.0)
+        if cache is None:
+            out = attention(q, k, v, document_ids, self.dropout if self.training else 0.0)
+        else:  # decoding: keys/values (after QK-norm and RoPE) go into the cache, queries see the whole cache
+            keys, values = cache.append(k, v)
+            out = cached_attention(q, keys, values, cache.start, cache.key_valid[:, : cache.start + length])
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -147,11 +196,11 @@ class Block(nn.Module):
         self.norm_reordering = config.norm_reordering
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, document_ids, stats: dict | None = None):
+    def forward(self, x, cos, sin, document_ids, stats: dict | None = None, cache: LayerCache | None = None):
         if self.norm_reordering:  # Chameleon-34B: normalise each sub-layer's output, not its input
-            h = x + self.dropout(self.attention_norm(self.attention(x, cos, sin, document_ids, stats)))
+            h = x + self.dropout(self.attention_norm(self.attention(x, cos, sin, document_ids, stats, cache)))
             return h + self.dropout(self.ffn_norm(self.feed_forward(h)))
-        h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, document_ids, stats))
+        h = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, document_ids, stats, cache))
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -276,6 +325,30 @@ class UnifiedTransformer(nn.Module):
                 sums=sums,
                 layer_stats=layer_stats,
             )
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Incremental decoding: run `tokens` (B, T) through the model, appending their keys/values to `cache`.
+
+        positions: (B, T) RoPE positions of the new tokens (a left-padded prompt's first real token is 0);
+        valid: (B, T) bool, False for padding (default: all real). Returns fp32 logits (B, T, V), equal to a full
+        forward over each row's real tokens (tests check 1e-5 in fp32).
+        """
+        batch, length = tokens.shape
+        start = cache.length
+        if start + length > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} slots; {start} used, {length} more requested")
+        cache.key_valid[:, start : start + length] = True if valid is None else valid
+        cos_table, sin_table = self.rope(tokens.device)
+        positions = positions.clamp(min=0)  # padding positions are unused; keep the table lookup in range
+        cos, sin = cos_table[positions], sin_table[positions]
+        x = self.embed(tokens)
+        for index, layer in enumerate(self.layers):
+            view = LayerCache(cache.keys[index], cache.values[index], cache.key_valid, start)
+            x = layer(x, cos, sin, None, None, view)
+        cache.length = start + length
+        return self.lm_head(self.norm(x).reshape(batch * length, -1)).view(batch, length, -1)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 N + 12 L T d (PaLM appendix B), where N counts the
