@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from unified_lm.documents import EncodedDocument
 from unified_lm.packing import pack_documents, write_dataset
 from unified_lm.vocab import Vocabulary, train_text_model
+from vqtok.distributed import free_port
 
 
 def synthetic_dataset(out: Path, seq_len: int, rows: int, text_vocab: int, codebook_size: int, seed: int = 0) -> Path:
@@ -56,12 +56,6 @@ def synthetic_dataset(out: Path, seq_len: int, rows: int, text_vocab: int, codeb
     limited = (row for row, _ in zip(packed, range(rows)))
     write_dataset(out, limited, vocab, seq_len + 1, rows_per_shard=4096, extra={"synthetic": True})
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run(args, data: Path, processes: int, out: Path) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 from unified_lm.cli import main as unified_lm
 from vqtok.cli import main as vqtok
 from vqtok.data import default_photo_paths
+from vqtok.distributed import free_port
 from vqtok.images import atomic_save_png, load_rgb, preprocess
 
 
@@ -56,12 +56,6 @@ def launch(name: str, argv: list) -> None:
     if code != 0:
         sys.exit(f"stage {name} failed with exit status {code}")
     print(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def train_unified_model(out: Path, steps: int) -> dict:

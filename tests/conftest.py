@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from vqtok.distributed import free_port  # noqa: F401  (re-exported for the tests)
 
 os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="vqtok-test-torch-home-")  # never read a user's hub cache
 REPO = Path(__file__).resolve().parents[1]
@@ -51,12 +52,6 @@ def tiny_run(tmp_path_factory, image_folder) -> Path:
     paths = resolve_image_paths(image_folder)
     Trainer(config, run, paths, paths[:4]).train()
     return run
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def python() -> str:

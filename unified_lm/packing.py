@@ -114,6 +114,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
 
 
+def target_mask(loss, documents):
+    """(..., L) loss flags and document numbers (numpy or torch) -> (..., L - 1): which targets row[1:] train.
+
+    A target counts where its loss flag is set and it continues its input token's document (never padding):
+    nothing is learned across a document boundary."""
+    same_document = (documents[..., 1:] == documents[..., :-1]) & (documents[..., 1:] != 0)
+    return loss[..., 1:] & same_document
+
+
 @dataclass
 class Batch:
     """Model inputs for one micro-step; every tensor is (B, seq_len)."""
@@ -196,19 +205,13 @@ class PackedDataset:
         documents = torch.from_numpy(np.stack([r.documents for r in rows]))
         loss = torch.from_numpy(np.stack([r.loss for r in rows]))
         targets = tokens[:, 1:]
-        same_document = (documents[:, 1:] == documents[:, :-1]) & (documents[:, 1:] != 0)
-        return Batch(inputs=tokens[:, :-1], targets=targets, loss_mask=loss[:, 1:] & same_document,
+        return Batch(inputs=tokens[:, :-1], targets=targets, loss_mask=target_mask(loss, documents),
                      document_ids=documents[:, :-1], image_targets=self.vocab.in_picture(targets))
 
     def count_targets(self, indices: list[int]) -> int:
         """Training targets in these rows (what `batch(indices).loss_mask.sum()` would give), read from the loss
         and document arrays only: cheap enough to count a whole step's rows on every rank."""
-        total = 0
-        for index in indices:
-            row = self[index]
-            same_document = (row.documents[1:] == row.documents[:-1]) & (row.documents[1:] != 0)
-            total += int((row.loss[1:] & same_document).sum())
-        return total
+        return sum(int(target_mask(row.loss, row.documents).sum()) for row in map(self.__getitem__, indices))
 
 
 def batch_indices(step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int,

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from vqtok.checkpoint import atomic_write_text
+from vqtok.distributed import free_port
 
 from .config import UnifiedConfig
 from .model import ModelOutput, OutputHead, UnifiedTransformer
@@ -57,11 +57,8 @@ def ensure_launch_env() -> None:
     """Single-process runs without a launcher: give torch.distributed the env a launcher would set."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(os.environ.get("MASTER_PORT", port)))
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
 
 
 def import_deepspeed(on_cpu: bool):
@@ -198,8 +195,8 @@ class Trainer:
         def scheduler(wrapped_optimizer):  # built on DeepSpeed's wrapper: ZeRO-3 regroups the parameters
             return torch.optim.lr_scheduler.LambdaLR(wrapped_optimizer, lambda step: learning_rate_factor(step, config))
 
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 lr_scheduler=scheduler, config=self.ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=self.ds_config)
         self.step = 0
         self.peak_flops = peak_flops(self.device)
 

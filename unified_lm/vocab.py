@@ -91,9 +91,6 @@ class Vocabulary:
         """Image codes and the <boi>/<eoi> brackets around them: the image side of the per-modality losses."""
         return self.is_image(ids) | (ids == self.special.boi) | (ids == self.special.eoi)
 
-    def is_text(self, ids):
-        return ids < self.text_size
-
     @property
     def text_range(self) -> range:
         return range(self.text_size)

@@ -6,6 +6,7 @@ single process. NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,13 @@ class DistributedContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this host (for MASTER_PORT of local launches)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def setup_distributed(device: str | None = None) -> DistributedContext:
