@@ -9,7 +9,12 @@
     config.py       typed model/training configs and presets (tiny, small, 350m, 7b)
     model.py        the transformer (RMSNorm, SwiGLU, RoPE, GQA, QK-norm, z-loss, norm reordering)
     train.py        DeepSpeed training (ZeRO 1/2/3), checkpoints, exact resume, stability logs
-    cli.py          `unified-lm vocab | world | prepare`; training is `deepspeed scripts/train_unified.py`
+    checkpoint.py   the shareable checkpoint files (safetensors + config + vocab + meta) and loading them
+    sampling.py     sampling settings and per-step logit arithmetic (top-k/top-p, penalty, guidance, draws)
+    sampler.py      KV-cached interleaved generation under the text/picture state machine, with CFG
+    prompts.py      prompt files and prompt pictures (encoded by vqtok) for `unified-lm sample`
+    render.py       sampled documents -> PNG, Markdown, self-contained HTML, JSON
+    cli.py          `unified-lm vocab | world | prepare | sample`; training is `deepspeed scripts/train_unified.py`
 
 It reads vqtok's token stores and checkpoints; vqtok never imports this package.
 """

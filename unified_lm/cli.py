@@ -4,6 +4,8 @@
     unified-lm world   --out DIR [--scenes 2000] [--seed 0] [--image-size 64]
     unified-lm prepare DOCS.jsonl [...] --vocab VOCAB --out PACKED [--tokens STORE ...] [--tokenizer VQRUN]
                        [--seq-len 512] [--train-on all|text|image] [--split train] [--text-documents N]
+    unified-lm sample  --ckpt RUN --tokenizer VQRUN --prompt TEXT [--image PATH ...] [--prompts FILE.jsonl]
+                       --mode interleaved|text|image|understanding --out DIR [--cfg none|2way|3way] [--num-samples N]
 
 Training is `deepspeed scripts/train_unified.py` (see its --help).
 Exit status: 0 success, 2 bad arguments, configuration or input (the message names the file or field).
@@ -71,6 +73,107 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def parse_grid(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--image-grid expects HxW (e.g. 8x8), got {text!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"--image-grid must be positive, got {text!r}")
+    return height, width
+
+
+def image_grid_of(loaded, requested: str | None) -> tuple[int, int] | None:
+    """--image-grid, else the grid most of the checkpoint's training pictures had, else None."""
+    if requested:
+        return parse_grid(requested)
+    grids = loaded.image_grids
+    if not grids:  # checkpoints from before grids were recorded: look at the dataset they were trained on
+        from pathlib import Path
+
+        info = Path(str(loaded.meta.get("dataset", ""))) / "dataset.json"
+        if info.is_file():
+            grids = json.loads(info.read_text()).get("image_grids") or {}
+    return parse_grid(max(grids, key=grids.get)) if grids else None
+
+
+def sampling_config(args):
+    from .sampling import SamplingConfig
+
+    return SamplingConfig.from_dict({
+        "mode": args.mode, "max_new_tokens": args.max_new_tokens, "max_images": args.max_images, "seed": args.seed,
+        "text": {"temperature": args.text_temperature, "top_k": args.text_top_k, "top_p": args.text_top_p,
+                 "repetition_penalty": args.repetition_penalty},
+        "image": {"temperature": args.image_temperature, "top_k": args.image_top_k, "top_p": args.image_top_p},
+        "guidance": {"mode": args.cfg, "scale": args.cfg_scale, "image_scale": args.cfg_image_scale}})
+
+
+def cmd_sample(args) -> int:
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_model
+    from .prompts import build_prompts, read_prompt_file
+    from .render import write_documents
+    from .sampler import Sampler
+
+    config = sampling_config(args)
+    if not args.prompt and not args.prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ValueError("--num-samples and --batch-size must be positive")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    loaded = load_model(args.ckpt, args.device, dtype)
+    grid = image_grid_of(loaded, args.image_grid)
+    tokenizer = None
+    if args.tokenizer:
+        from vqtok.checkpoint import load_tokenizer
+
+        tokenizer, meta = load_tokenizer(args.tokenizer, args.device)
+        loaded.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {args.tokenizer}")
+    elif config.mode in ("interleaved", "image") or args.image:
+        raise ValueError(f"mode {config.mode!r} needs the vqtok tokenizer the checkpoint's vocabulary was built for "
+                         "(--tokenizer VQRUN) to turn pictures into codes and back")
+    pictures = [Path(p).resolve() for p in args.image or []]
+    specs = [(pictures + [text], None) for text in args.prompt or []]
+    if args.prompts:
+        specs += read_prompt_file(args.prompts)
+    specs = [(spec, None if seed is None else seed + copy) for spec, seed in specs for copy in range(args.num_samples)]
+    prompts = build_prompts(specs, tokenizer, grid)
+    for number, prompt in enumerate(prompts):  # without its own seed, each copy draws from seed + its index
+        prompt.seed = config.seed + number if prompt.seed is None else prompt.seed
+    sampler = Sampler(loaded.model, loaded.vocab, grid)
+    stream = None
+    if args.stream:
+        def stream(event):
+            if event.kind == "token" and event.text and args.batch_size == 1:
+                print(event.text, end="", flush=True, file=sys.stderr)
+            elif event.kind == "segment" and event.modality == "image":
+                print(f" [picture {event.segment.codes.shape[0]}x{event.segment.codes.shape[1]}] ", end="",
+                      flush=True, file=sys.stderr)
+            elif event.kind == "done" and args.batch_size == 1:
+                print(file=sys.stderr)
+    documents = []
+    start = time.perf_counter()
+    for first in range(0, len(prompts), args.batch_size):
+        batch = sampler.generate(prompts[first : first + args.batch_size], config, on_event=stream)
+        for document in batch:
+            document.index += first
+        documents += batch
+    seconds = time.perf_counter() - start
+    settings = config.to_dict() | {"checkpoint": str(loaded.directory), "image_grid": list(grid) if grid else None}
+    title = f"{config.mode} samples from {loaded.directory}"
+    index = write_documents(args.out, documents, tokenizer, settings, title)
+    stats = sampler.stats
+    print(json.dumps({"out": str(index), "documents": len(documents), "mode": config.mode,
+                      "pictures": sum(len(d.images) for d in documents), "tokens": stats.tokens,
+                      "seconds": round(seconds, 2), "decode_tokens_per_s": round(stats.tokens_per_second, 1),
+                      "finish": {r: sum(d.finish_reason == r for d in documents) for r in ("eos", "length", "image")}}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unified-lm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +216,37 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--rows-per-shard", type=int, default=8192)
     prepare.add_argument("--device", default="cpu", help="for --tokenizer encoding")
     prepare.set_defaults(run=cmd_prepare)
+
+    sample = commands.add_parser("sample", help="generate documents of text and pictures from a trained model",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample.add_argument("--ckpt", required=True, help="training run (follows latest) or checkpoint directory")
+    sample.add_argument("--tokenizer", help="vqtok run the vocabulary was built for (decodes and encodes pictures)")
+    sample.add_argument("--prompt", action="append", help="prompt text (repeatable: one document each)")
+    sample.add_argument("--image", action="append", help="picture placed before every --prompt's text (repeatable)")
+    sample.add_argument("--prompts", help="JSONL prompts: {\"segments\": [{\"image\": PATH}, {\"text\": ...}], \"seed\": N}")
+    sample.add_argument("--mode", choices=("interleaved", "text", "image", "understanding"), default="interleaved")
+    sample.add_argument("--out", required=True, help="output directory (index.html, sample-NNN.{md,html,json}, images/)")
+    sample.add_argument("--num-samples", type=int, default=1, help="documents per prompt (seeds differ)")
+    sample.add_argument("--seed", type=int, default=0, help="document i draws from seed + i")
+    sample.add_argument("--max-new-tokens", type=int, default=256)
+    sample.add_argument("--max-images", type=int, default=4, help="pictures per document (interleaved)")
+    sample.add_argument("--text-temperature", type=float, default=0.7, help="0 = greedy")
+    sample.add_argument("--text-top-k", type=int, default=0, help="0 = off")
+    sample.add_argument("--text-top-p", type=float, default=0.9, help="1 = off")
+    sample.add_argument("--repetition-penalty", type=float, default=1.0, help="text tokens (CTRL); 1 = off")
+    sample.add_argument("--image-temperature", type=float, default=1.0)
+    sample.add_argument("--image-top-k", type=int, default=0)
+    sample.add_argument("--image-top-p", type=float, default=1.0)
+    sample.add_argument("--cfg", choices=("none", "2way", "3way"), default="none",
+                        help="classifier-free guidance for picture codes")
+    sample.add_argument("--cfg-scale", type=float, default=3.0, help="2way scale; 3way text scale")
+    sample.add_argument("--cfg-image-scale", type=float, default=1.2, help="3way image scale")
+    sample.add_argument("--image-grid", help="picture grid HxW (default: the checkpoint's training pictures)")
+    sample.add_argument("--batch-size", type=int, default=8, help="documents decoded together")
+    sample.add_argument("--device", default="cpu")
+    sample.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    sample.add_argument("--stream", action="store_true", help="print text to stderr as it is generated")
+    sample.set_defaults(run=cmd_sample)
     return parser
 
 

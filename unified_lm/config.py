@@ -4,6 +4,7 @@ Presets (model shape; `vocab_size` is always taken from the vocabulary at traini
 - `tiny`   tests: 2 layers, width 64.
 - `small`  the CPU quickstart: 4 layers, width 256, sequence 512.
 - `350m`   GPU throughput/MFU runs: 24 layers, width 1024, 16 heads (4 KV), sequence 2048.
+- `1b`     sampling-speed runs on one GPU: 22 layers, width 2048, 16 heads (4 KV); ~1.0B parameters with a 12k vocabulary.
 - `7b`     Chameleon-7B's shape (32 layers, width 4096, 32 heads, sequence 4096, QK-norm, z-loss, dropout 0.1).
 Chameleon-34B additionally used norm reordering (`norm_reordering=True`).
 Overrides (`--set model.n_layers=8`, or a JSON file {"preset": "small", ...}) reject unknown keys.
@@ -125,6 +126,12 @@ def _350m() -> UnifiedConfig:
                                      log_every=10, stats_every=100, checkpoint_every=500))
 
 
+def _1b() -> UnifiedConfig:
+    return UnifiedConfig("1b", ModelConfig(dim=2048, n_layers=22, n_heads=16, n_kv_heads=4, max_seq_len=4096),
+                         TrainConfig(seq_len=4096, micro_batch_size=4, steps=10_000, lr=3e-4, warmup_steps=500,
+                                     log_every=10, stats_every=100, checkpoint_every=1000))
+
+
 def _7b() -> UnifiedConfig:
     return UnifiedConfig("7b", ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=11008,
                                            max_seq_len=4096, dropout=0.1),
@@ -132,7 +139,7 @@ def _7b() -> UnifiedConfig:
                                      schedule="chameleon", log_every=10, stats_every=100, checkpoint_every=1000))
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "350m": _350m, "7b": _7b}
+PRESETS = {"tiny": _tiny, "small": _small, "350m": _350m, "1b": _1b, "7b": _7b}
 
 
 def preset(name: str) -> UnifiedConfig:

@@ -51,24 +51,29 @@ class EncodedDocument:
     loss: np.ndarray  # (n,) bool: token is a training target
 
 
-def read_documents(path: str | os.PathLike, default_train_on: str = "all", split: str | None = None) -> Iterator[Document]:
-    """Parse and validate a documents JSONL file; every problem names the file and line."""
+def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[str, object]]:
+    """("file:line", record) for every non-blank line; a missing file or bad JSON names the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"documents file not found: {path}")
-    base = path.parent.resolve()
+        raise FileNotFoundError(f"{what} file not found: {path}")
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-            document = _parse(record, where, base, default_train_on)
-            if split is None or document.split == split:
-                yield document
+
+
+def read_documents(path: str | os.PathLike, default_train_on: str = "all", split: str | None = None) -> Iterator[Document]:
+    """Parse and validate a documents JSONL file; every problem names the file and line."""
+    base = Path(path).parent.resolve()
+    for where, record in read_jsonl(path, "documents"):
+        document = _parse(record, where, base, default_train_on)
+        if split is None or document.split == split:
+            yield document
 
 
 def _parse(record, where: str, base: Path, default_train_on: str) -> Document:

@@ -47,7 +47,9 @@ class KVCache:
     """Preallocated keys and values for incremental decoding, one (B, n_kv_heads, capacity, head_dim) pair per layer.
 
     Rows of different prompt lengths are left-padded so every row writes the same slots; `key_valid` marks the
-    slots that hold real tokens. `length` counts the slots written so far.
+    slots that hold real tokens. `length` counts the slots written so far. Slots are not positions: with padding
+    a cache may hold more slots than max_seq_len, while each row's RoPE positions (given to `decode`) must stay
+    below it.
     """
 
     keys: list[torch.Tensor]
@@ -58,8 +60,6 @@ class KVCache:
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, capacity: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> KVCache:
-        if capacity > config.max_seq_len:
-            raise ValueError(f"KV cache capacity {capacity} exceeds model max_seq_len {config.max_seq_len}")
         shape = (batch, config.n_kv_heads, capacity, config.head_dim)
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
@@ -68,6 +68,14 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.key_valid.shape[1]
+
+    def head(self, rows: int) -> KVCache:
+        """A view of the first `rows` rows sharing this cache's storage (its `length` must be copied back).
+
+        The sampler decodes only the full-context rows while no guidance row has a token to take; the slots the
+        other rows skip stay invalid (key_valid False) and are never attended to."""
+        return KVCache([k[:rows] for k in self.keys], [v[:rows] for v in self.values], self.key_valid[:rows],
+                       self.length)
 
 
 @dataclass
@@ -328,12 +336,13 @@ class UnifiedTransformer(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-               valid: torch.Tensor | None = None) -> torch.Tensor:
+               valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Incremental decoding: run `tokens` (B, T) through the model, appending their keys/values to `cache`.
 
         positions: (B, T) RoPE positions of the new tokens (a left-padded prompt's first real token is 0);
         valid: (B, T) bool, False for padding (default: all real). Returns fp32 logits (B, T, V), equal to a full
-        forward over each row's real tokens (tests check 1e-5 in fp32).
+        forward over each row's real tokens (tests check 1e-5 in fp32); with `last_only`, (B, 1, V) for the last
+        column only (a prompt's prefill needs no more).
         """
         batch, length = tokens.shape
         start = cache.length
@@ -348,6 +357,8 @@ class UnifiedTransformer(nn.Module):
             view = LayerCache(cache.keys[index], cache.values[index], cache.key_valid, start)
             x = layer(x, cos, sin, None, None, view)
         cache.length = start + length
+        if last_only:
+            x, length = x[:, -1:], 1
         return self.lm_head(self.norm(x).reshape(batch * length, -1)).view(batch, length, -1)
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -48,6 +48,7 @@ class ImageCodes:
                  resolution: int | None, device: str = "cpu"):
         self.vocab, self.tokenizer_path, self.cache, self.resolution = vocab, tokenizer, cache, resolution
         self.device = device
+        self.grids: dict[str, int] = {}  # "HxW" -> pictures of that grid, filled as documents are encoded
         self.by_path: dict[Path, tuple[TokenStore, int]] = {}
         self.stores: dict[Path, TokenStore] = {}
         for root in stores:
@@ -120,6 +121,8 @@ class ImageCodes:
                 record = self._open(segment.store).find(segment.source)
             except KeyError:
                 raise KeyError(f"{where}: {segment.source!r} is not in token store {segment.store}") from None
+        grid = f"{record.grid[0]}x{record.grid[1]}"
+        self.grids[grid] = self.grids.get(grid, 0) + 1
         return np.asarray(record.tokens).reshape(record.grid)
 
 
@@ -159,4 +162,7 @@ def prepare(documents_files: list[str], vocab_dir: str, out: str, settings: Prep
     return write_dataset(out_path, rows, vocab, settings.seq_len + 1, settings.rows_per_shard,
                          {"documents": len(documents), "documents_by_train_on": kinds, "seed": settings.seed,
                           "sources": [os.fspath(Path(p).resolve()) for p in documents_files],
-                          "split": settings.split, "text_documents": settings.text_documents})
+                          "split": settings.split, "text_documents": settings.text_documents,
+                          # filled while the rows are written (dataset.json is written after them): the sampler
+                          # takes the picture size to generate from here
+                          "image_grids": images.grids})

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from vqtok.checkpoint import atomic_write_text
 from vqtok.distributed import free_port
 
+from .checkpoint import write_model_files
 from .config import UnifiedConfig
 from .model import ModelOutput, OutputHead, UnifiedTransformer
 from .packing import PackedDataset, batch_indices
@@ -237,15 +238,11 @@ class Trainer:
         else:
             state = self.engine.module.state_dict()
         if self.rank == 0:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, directory / "model.safetensors")
-            (directory / "config.json").write_text(self.config.to_json())
-            self.dataset.vocab.save(directory / "vocab")
             meta = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "zero_stage": self.zero_stage,
                     "world_size": self.world_size, "dataset": str(self.dataset.root.resolve()),
-                    "vocab_fingerprint": self.dataset.vocab.fingerprint}
-            (directory / "meta.json").write_text(json.dumps(meta, indent=2))
+                    "vocab_fingerprint": self.dataset.vocab.fingerprint,
+                    "image_grids": self.dataset.info.get("image_grids", {})}
+            write_model_files(directory, state, self.config, self.dataset.vocab, meta)
             atomic_write_text(self.out / "latest", tag + "\n")
             self._prune()
             plot_losses(self.out / "log.jsonl", self.out / "loss.png")

@@ -42,19 +42,20 @@ def build_dataclass(cls, data: dict, where: str = "config"):
     return cls(**values)
 
 
-def apply_overrides(data: dict, overrides: dict) -> dict:
-    """Overrides such as {"train.lr": 3e-4} or {"train": {"lr": 3e-4}} applied to a config dict (in place)."""
+def apply_overrides(data: dict, overrides: dict, prefix: str = "") -> dict:
+    """Overrides such as {"train.lr": 3e-4} or {"train": {"lr": 3e-4}} applied to a config dict (in place).
+    `prefix` is where `data` sits in the whole config, for error messages."""
     for key, value in overrides.items():
-        parts = key.split(".")
+        name, parts = prefix + key, key.split(".")
         target = data
         for part in parts[:-1]:
             if not isinstance(target.get(part), dict):
-                raise ValueError(f"unknown config field {key!r}")
+                raise ValueError(f"unknown config field {name!r}")
             target = target[part]
         if parts[-1] not in target:
-            raise ValueError(f"unknown config field {key!r}")
+            raise ValueError(f"unknown config field {name!r}")
         if isinstance(target[parts[-1]], dict) and isinstance(value, dict):
-            apply_overrides(target[parts[-1]], value)
+            apply_overrides(target[parts[-1]], value, name + ".")
         else:
             target[parts[-1]] = value
     return data

@@ -1,0 +1,93 @@
+"""Loading a trained unified model for sampling: a run directory (follows `latest`) or one checkpoint directory.
+
+A checkpoint directory holds `model.safetensors`, `config.json`, `meta.json` and `vocab/` (see train.py); nothing
+pickled is read. `meta.json["image_grids"]` ("HxW" -> pictures in the training data) says which picture size
+the model learned to draw.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import UnifiedConfig
+from .model import UnifiedTransformer
+from .vocab import Vocabulary
+
+
+@dataclass
+class LoadedModel:
+    model: UnifiedTransformer  # eval mode, on the requested device and dtype
+    vocab: Vocabulary
+    config: UnifiedConfig
+    directory: Path  # the checkpoint directory the weights came from
+    meta: dict
+
+    @property
+    def image_grids(self) -> dict[str, int]:
+        return dict(self.meta.get("image_grids") or {})
+
+
+def write_model_files(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: UnifiedConfig,
+                      vocab: Vocabulary, meta: dict) -> Path:
+    """The shareable part of a checkpoint: model.safetensors, config.json, meta.json, vocab/."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, directory / "model.safetensors")
+    (directory / "config.json").write_text(config.to_json())
+    vocab.save(directory / "vocab")
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def resolve_run(path: str | os.PathLike) -> Path:
+    """A training run directory (follows RUN/latest) or a checkpoint directory -> the checkpoint directory."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / "checkpoints" / latest.read_text().strip()
+        if (target / "model.safetensors").is_file():
+            return target
+        raise FileNotFoundError(f"{latest} names {target}, which holds no model.safetensors")
+    if not path.exists():
+        raise FileNotFoundError(f"unified model checkpoint not found: {path}")
+    raise FileNotFoundError(f"{path} is neither a unified_lm run (no 'latest' file) nor a checkpoint directory "
+                            "(no model.safetensors)")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    directory = resolve_run(path)
+    for name in ("config.json", "meta.json"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"checkpoint {directory} is incomplete: missing {name}")
+    try:
+        config = UnifiedConfig.from_dict(json.loads((directory / "config.json").read_text())).validate()
+        meta = json.loads((directory / "meta.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint {directory}: bad config/meta JSON ({err})") from None
+    vocab = Vocabulary.load(directory / "vocab")
+    if config.model.vocab_size != vocab.size:
+        raise ValueError(f"{directory / 'config.json'}: model.vocab_size {config.model.vocab_size} does not match "
+                         f"the checkpoint's vocabulary ({vocab.size} ids)")
+    model = UnifiedTransformer(config.model)
+    state = load_file(directory / "model.safetensors")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{directory / 'model.safetensors'}: weights do not match config.json (missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{directory / 'model.safetensors'}: {name} has shape {tuple(tensor.shape)}, "
+                             f"config.json expects {tuple(expected[name].shape)}")
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    return LoadedModel(model.to(device=device, dtype=dtype).eval(), vocab, config, directory, meta)

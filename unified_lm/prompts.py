@@ -1,0 +1,76 @@
+"""Prompts for `unified-lm sample`: text and picture files -> `Prompt`s whose pictures are vqtok codes.
+
+A prompts file is JSONL, one prompt per line, in the documents format's segment style:
+
+    {"segments": [{"image": "cat.png"}, {"text": "Question: what is this? Answer:"}], "seed": 3}
+    {"text": "a red circle at the top left."}          (shorthand for one text segment)
+
+Relative picture paths are resolved against the file's directory. Pictures are encoded at the resolution
+that gives the model's picture grid (grid * the tokenizer's downsample factor), so a prompt picture has the
+shape of the pictures the model was trained on.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .documents import read_jsonl
+from .sampler import Prompt
+
+PromptSpec = list  # segments: str (text) or Path (a picture file)
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[tuple[PromptSpec, int | None]]:
+    path = Path(path)
+    specs = []
+    for where, record in read_jsonl(path, "prompts"):
+        if not isinstance(record, dict) or ("segments" not in record and "text" not in record):
+            raise ValueError(f"{where}: expected an object with 'segments' (or 'text')")
+        segments = record.get("segments", [{"text": record.get("text")}])
+        spec: PromptSpec = []
+        for segment in segments:
+            if isinstance(segment, dict) and isinstance(segment.get("text"), str):
+                spec.append(segment["text"])
+            elif isinstance(segment, dict) and isinstance(segment.get("image"), str):
+                spec.append((path.parent / segment["image"]).resolve())
+            else:
+                raise ValueError(f"{where}: each segment must be {{\"text\": str}} or {{\"image\": path}}, got {segment!r}")
+        seed = record.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"{where}: 'seed' must be an integer, got {seed!r}")
+        specs.append((spec, seed))
+    if not specs:
+        raise ValueError(f"{path}: no prompts")
+    return specs
+
+
+def encode_pictures(paths: list[Path], tokenizer, grid: tuple[int, int] | None) -> dict[Path, np.ndarray]:
+    """Picture files -> (h, w) codes, encoded at grid * downsample factor (the tokenizer's resolution when the
+    grid is unknown). Missing or unreadable files raise errors naming them."""
+    from vqtok.images import load_rgb, preprocess, to_tensor
+
+    if not paths:
+        return {}
+    if tokenizer is None:
+        raise ValueError("the prompt holds pictures; give the vqtok tokenizer (--tokenizer VQRUN) to encode them")
+    factor = tokenizer.downsample_factor
+    if grid is not None and grid[0] != grid[1]:
+        raise ValueError(f"prompt pictures are encoded square; the model's grid {grid[0]}x{grid[1]} is not")
+    resolution = grid[0] * factor if grid is not None else tokenizer.config.model.resolution
+    device = next(tokenizer.parameters()).device
+    codes = {}
+    for path in dict.fromkeys(paths):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"prompt picture not found: {path}")
+        pixels = to_tensor(preprocess(load_rgb(path), resolution))[None].to(device)
+        with torch.no_grad():
+            codes[path] = tokenizer.encode(pixels)[0].cpu().numpy()
+    return codes
+
+
+def build_prompts(specs: list[tuple[PromptSpec, int | None]], tokenizer, grid: tuple[int, int] | None) -> list[Prompt]:
+    pictures = encode_pictures([s for spec, _ in specs for s in spec if isinstance(s, Path)], tokenizer, grid)
+    return [Prompt([pictures[s] if isinstance(s, Path) else s for s in spec], seed) for spec, seed in specs]

@@ -1,0 +1,437 @@
+"""Interleaved text + picture generation from the unified model: KV-cached decoding under a modality state machine.
+
+Each document row is in one of two modes:
+- text:  may emit text pieces, <eos>, or <boi>. <boi> is allowed only while the document may hold another picture
+         (`max_images`) and the rest of its token budget holds a whole one (<boi> + grid codes + <eoi>).
+- image: may emit only image codes, exactly grid_h * grid_w of them; then <eoi> is forced and text mode resumes.
+Every other id (<bos>, <pad>, <unk>, the `<image>` placeholder, <eoi> outside a picture) is never sampled.
+
+Modes: `interleaved` (text and pictures), `text` (no pictures), `image` (the prompt is followed by <boi>: exactly
+one picture, then the document ends) and `understanding` (prompts that contain pictures, answered in text).
+
+Classifier-free guidance for picture codes runs its extra contexts as extra rows of the same batch:
+  rows [0, B)       the full documents
+  rows [B, 2B)      3way: the documents with every text token removed (Chameleon's image-only context)
+  last B rows       the unconditional context [<bos>, <boi>], restarted at every picture
+The guidance rows take only picture tokens (<boi>, codes, <eoi>); while no row is drawing a picture, only the
+first B rows are decoded (a view of the same cache), so guidance costs nothing during text.
+
+Decoding never recomputes the prefix: one prefill over the left-padded prompts, then one token per row per step
+into a preallocated cache (`KVCache`).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .model import KVCache, UnifiedTransformer
+from .sampling import (
+    Guidance,
+    RowGenerators,
+    SamplingConfig,
+    apply_repetition_penalty,
+    draw,
+    filter_logits,
+    guided_logits,
+)
+from .vocab import Vocabulary
+
+
+@dataclass
+class Segment:
+    kind: str  # "text" | "image"
+    tokens: list[int] = field(default_factory=list)  # model ids; a picture's codes only (no <boi>/<eoi>)
+    text: str = ""  # decoded text ("text" segments)
+    codes: np.ndarray | None = None  # (grid_h, grid_w) codes ("image" segments)
+
+    def to_json(self) -> dict:
+        if self.kind == "text":
+            return {"type": "text", "text": self.text}
+        return {"type": "image", "grid": list(self.codes.shape), "codes": self.codes.tolist()}
+
+
+@dataclass
+class Prompt:
+    """Prompt segments: text (str) or a picture as (h, w) image codes (from vqtok). `seed` overrides the default
+    per-prompt seed (SamplingConfig.seed + prompt index)."""
+
+    segments: list = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class SampledDocument:
+    index: int  # position in the batch of prompts
+    seed: int
+    prompt: list[Segment]
+    segments: list[Segment]  # what the model generated
+    tokens: list[int]  # generated ids in order (<boi>, <eoi>, <eos> included)
+    finish_reason: str  # "eos" | "length" (token budget spent) | "image" (image mode: the picture is complete)
+    prompt_tokens: int = 0
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        return [s.codes for s in self.segments if s.kind == "image"]
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(s.text for s in self.segments if s.kind == "text")
+
+
+@dataclass
+class SampleEvent:
+    """Streaming: "token" for every generated token, "segment" when a text run or a picture is complete, "done"
+    when a document ends. `text` holds the characters a text token added."""
+
+    row: int
+    kind: str
+    token: int | None = None
+    modality: str = "text"
+    text: str = ""
+    segment: Segment | None = None
+    document: SampledDocument | None = None
+
+
+@dataclass
+class SamplerTrace:
+    """Per-step record for tests and debugging: raw logits of every row (R, V), the guided logits that were
+    sampled from (B, V, before masking), which rows were in a picture, and the tokens drawn."""
+
+    raw: list[torch.Tensor] = field(default_factory=list)
+    guided: list[torch.Tensor] = field(default_factory=list)
+    in_image: list[list[bool]] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class SamplerStats:
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    guided_steps: int = 0  # steps that also ran the guidance rows
+    tokens: int = 0  # generated tokens over all documents
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.decode_seconds, 1e-9)
+
+
+def split_segments(tokens: list[int], vocab: Vocabulary, grid: tuple[int, int] | None) -> list[Segment]:
+    """Ids -> text runs and pictures. A picture is the codes between <boi> and <eoi>, shaped to `grid` when it
+    holds grid_h * grid_w codes (else left flat, as a (1, n) array); specials are dropped."""
+    builder = _DocumentBuilder(vocab, grid, row=0, on_event=None)
+    for token in tokens:
+        builder.add(token)
+    builder.finish()
+    return builder.segments
+
+
+class _DocumentBuilder:
+    """Turns one row's tokens into segments as they arrive, emitting streaming events."""
+
+    def __init__(self, vocab: Vocabulary, grid: tuple[int, int] | None, row: int,
+                 on_event: Callable[[SampleEvent], None] | None):
+        self.vocab, self.grid, self.row, self.on_event = vocab, grid, row, on_event
+        self.segments: list[Segment] = []
+        self.text_tokens: list[int] = []
+        self.text_so_far = ""
+        self.image_tokens: list[int] | None = None
+
+    def _emit(self, **event) -> None:
+        if self.on_event is not None:
+            self.on_event(SampleEvent(row=self.row, **event))
+
+    def add(self, token: int) -> None:
+        special, vocab = self.vocab.special, self.vocab
+        if token == special.boi:
+            self._close_text()
+            self.image_tokens = []
+            self._emit(kind="token", token=token, modality="image")
+        elif token == special.eoi:
+            self._emit(kind="token", token=token, modality="image")
+            self._close_image()
+        elif self.image_tokens is not None and vocab.image_offset <= token < vocab.size:
+            self.image_tokens.append(token)
+            self._emit(kind="token", token=token, modality="image")
+        elif 0 <= token < vocab.text_size:
+            self.text_tokens.append(token)
+            text = vocab.decode_text(self.text_tokens)
+            added, self.text_so_far = text[len(self.text_so_far):] if text.startswith(self.text_so_far) else text, text
+            self._emit(kind="token", token=token, modality="text", text=added)
+        else:  # <eos> and other specials end the current text run
+            self._emit(kind="token", token=token, modality="text")
+            self._close_text()
+
+    def start_image(self) -> None:
+        """The prompt ended with <boi>: generation starts inside a picture."""
+        self.image_tokens = []
+
+    def _close_text(self) -> None:
+        if self.text_tokens:
+            segment = Segment("text", self.text_tokens, self.vocab.decode_text(self.text_tokens))
+            self.segments.append(segment)
+            self._emit(kind="segment", modality="text", segment=segment)
+        self.text_tokens, self.text_so_far = [], ""
+
+    def _close_image(self) -> None:
+        tokens, self.image_tokens = self.image_tokens or [], None
+        codes = np.asarray(tokens, dtype=np.int64) - self.vocab.image_offset
+        if self.grid is not None and codes.size == self.grid[0] * self.grid[1]:
+            codes = codes.reshape(self.grid)
+        else:
+            codes = codes.reshape(1, -1)
+        segment = Segment("image", tokens, codes=codes)
+        self.segments.append(segment)
+        self._emit(kind="segment", modality="image", segment=segment)
+
+    def finish(self) -> None:
+        self._close_text()
+        if self.image_tokens:  # an unfinished picture (only when decoding arbitrary ids, never from the sampler)
+            self._close_image()
+
+
+class Sampler:
+    """Generates documents from a unified model. `image_grid` (h, w) is the picture size the model draws (from
+    the checkpoint's training data, `LoadedModel.image_grids`); None disables pictures."""
+
+    def __init__(self, model: UnifiedTransformer, vocab: Vocabulary, image_grid: tuple[int, int] | None):
+        if model.config.vocab_size != vocab.size:
+            raise ValueError(f"model vocab_size {model.config.vocab_size} does not match the vocabulary ({vocab.size} ids)")
+        self.model, self.vocab = model.eval(), vocab
+        self.image_grid = tuple(image_grid) if image_grid is not None else None
+        self.device = next(model.parameters()).device
+        self.stats = SamplerStats()
+        special = vocab.special
+        text = torch.zeros(vocab.size, dtype=torch.bool)
+        text[1 : vocab.text_size] = True  # id 0 is sentencepiece's <unk>: byte fallback never needs it
+        text[special.eos] = True
+        picture = torch.zeros(vocab.size, dtype=torch.bool)
+        picture[vocab.image_offset :] = True
+        only_eoi = torch.zeros(vocab.size, dtype=torch.bool)
+        only_eoi[special.eoi] = True
+        text_or_picture = text.clone()
+        text_or_picture[special.boi] = True
+        self._allowed = torch.stack([text, picture, only_eoi, text_or_picture]).to(self.device)  # see _state_index
+
+    @property
+    def grid_tokens(self) -> int:
+        return 0 if self.image_grid is None else self.image_grid[0] * self.image_grid[1]
+
+    # -- prompts --------------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt, mode: str) -> list[int]:
+        """<bos>, then each segment (text pieces, or <boi> codes <eoi>); image mode appends <boi>."""
+        ids = [self.vocab.special.bos]
+        for number, segment in enumerate(prompt.segments):
+            if isinstance(segment, str):
+                ids += self.vocab.encode_text(segment)
+            else:
+                codes = np.asarray(segment)
+                if codes.ndim != 2:
+                    raise ValueError(f"prompt segment {number}: a picture must be an (h, w) array of codes, got shape {codes.shape}")
+                ids += self.vocab.image_ids(codes).tolist()
+        if mode == "image":
+            ids.append(self.vocab.special.boi)
+        return ids
+
+    def _check(self, prompts: list[Prompt], config: SamplingConfig) -> None:
+        config.validate()
+        if not prompts:
+            raise ValueError("no prompts to sample from")
+        if config.mode in ("interleaved", "image") and self.image_grid is None:
+            raise ValueError(f"mode {config.mode!r} draws pictures, but the picture grid is unknown (give image_grid / "
+                             "--image-grid HxW; checkpoints record it from their training data)")
+        for number, prompt in enumerate(prompts):
+            has_picture = any(not isinstance(s, str) for s in prompt.segments)
+            if config.mode == "understanding" and not has_picture:
+                raise ValueError(f"prompt {number}: mode 'understanding' answers questions about pictures; the prompt "
+                                 "holds none (give --image PATH)")
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], config: SamplingConfig,
+                 on_event: Callable[[SampleEvent], None] | None = None,
+                 logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 trace: SamplerTrace | None = None) -> list[SampledDocument]:
+        """Sample one document per prompt, all in one batch. `logits_processor` (B, V) -> (B, V) may change the
+        (guided) logits before the modality mask; it can never make a forbidden token possible."""
+        self._check(prompts, config)
+        vocab, special, model = self.vocab, self.vocab.special, self.model
+        mode, grid_tokens = config.mode, self.grid_tokens
+        batch = len(prompts)
+        full = [self.encode_prompt(p, mode) for p in prompts]
+        context = model.config.max_seq_len
+        budgets = []
+        for number, ids in enumerate(full):
+            if len(ids) >= context:
+                raise ValueError(f"prompt {number} is {len(ids)} tokens; the model's context is {context} tokens")
+            budgets.append(min(config.max_new_tokens, context - len(ids)))
+            if mode == "image" and budgets[-1] < grid_tokens + 1:
+                raise ValueError(f"prompt {number}: a picture needs {grid_tokens + 1} more tokens (codes + <eoi>), but "
+                                 f"only {budgets[-1]} fit (max_new_tokens {config.max_new_tokens}, context {context})")
+        max_images = {"interleaved": config.max_images, "image": 1}.get(mode, 0)
+        guidance = config.guidance if mode in ("interleaved", "image") else Guidance("none")
+        contexts = guidance.contexts
+        starts_in_image = [ids[-1] == special.boi for ids in full]
+        rows = list(full)
+        if guidance.mode == "3way":  # text removed, pictures kept
+            rows += [[special.bos] + [t for t in ids[1:] if vocab.in_picture(t)] for ids in full]
+        if guidance.mode != "none":
+            rows += [[special.bos] + ([special.boi] if inside else []) for inside in starts_in_image]
+
+        # prefill: left-padded rows, every row's positions counting from 0 at its first real token
+        width = max(len(ids) for ids in rows)
+        total_rows = len(rows)
+        tokens = torch.full((total_rows, width), special.pad, dtype=torch.long)
+        valid = torch.zeros(total_rows, width, dtype=torch.bool)
+        for row, ids in enumerate(rows):
+            tokens[row, width - len(ids):] = torch.tensor(ids)
+            valid[row, width - len(ids):] = True
+        positions = (valid.cumsum(1) - 1).clamp(min=0)
+        dtype = next(model.parameters()).dtype
+        cache = KVCache.allocate(model.config, total_rows, width + max(budgets), self.device, dtype)
+        start = time.perf_counter()
+        logits = model.decode(tokens.to(self.device), cache, positions.to(self.device), valid.to(self.device),
+                              last_only=True)[:, 0]
+        self._sync()
+        self.stats.prefill_seconds += time.perf_counter() - start
+        next_position = [len(ids) for ids in rows]
+        unconditional_bos_slot = width - len(rows[-1]) if guidance.mode != "none" else 0
+
+        # per-document state (host side: the sampled ids come back once per step anyway)
+        seeds = [p.seed if p.seed is not None else config.seed + i for i, p in enumerate(prompts)]
+        generators = RowGenerators(seeds, self.device)
+        in_image = list(starts_in_image)
+        image_filled = [0] * batch
+        images_made = [int(x) for x in starts_in_image]
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finish: list[str | None] = [None] * batch
+        builders = [_DocumentBuilder(vocab, self.image_grid, row, on_event) for row in range(batch)]
+        for builder, inside in zip(builders, starts_in_image):
+            if inside:
+                builder.start_image()
+        settings = self._row_settings(config)
+        penalise = config.text.repetition_penalty != 1.0
+        seen = None
+        if penalise:
+            seen = torch.zeros(batch, vocab.size, dtype=torch.bool, device=self.device)
+            for row, ids in enumerate(full):
+                text_ids = [t for t in ids if t < vocab.text_size]
+                seen[row, text_ids] = True
+
+        start = time.perf_counter()
+        while True:
+            state = [self._state_index(in_image[r], image_filled[r], images_made[r], max_images, budgets[r] - len(generated[r]))
+                     for r in range(batch)]
+            image_rows = torch.tensor(in_image, device=self.device)
+            if contexts > 1 and any(in_image):
+                mixed = torch.where(image_rows[:, None], guided_logits(logits, guidance), logits[:batch])
+            else:
+                mixed = logits[:batch]
+            if logits_processor is not None:
+                mixed = logits_processor(mixed)
+            allowed = self._allowed[torch.tensor(state, device=self.device)]
+            masked = mixed.masked_fill(~allowed, float("-inf"))
+            picks = image_rows
+            if penalise:
+                penalty = torch.where(picks, torch.ones_like(settings["penalty"]), settings["penalty"])
+                masked = apply_repetition_penalty(masked, seen, penalty)
+            temperature = torch.where(picks, settings["image_temperature"], settings["text_temperature"])
+            filtered = filter_logits(masked, temperature, torch.where(picks, settings["image_top_k"], settings["text_top_k"]),
+                                     torch.where(picks, settings["image_top_p"], settings["text_top_p"]))
+            noise = generators.exponential(vocab.size)
+            drawn = draw(filtered, noise, temperature == 0).tolist()
+            if trace is not None:
+                trace.raw.append(logits.float().cpu())
+                trace.guided.append(mixed.float().cpu())
+                trace.in_image.append(list(in_image))
+                trace.tokens.append([t if finish[r] is None else None for r, t in enumerate(drawn)])
+
+            feed = [None] * total_rows  # the token each row takes this step (None: a padding slot)
+            for row in range(batch):
+                if finish[row] is not None:
+                    continue
+                token = drawn[row]
+                generated[row].append(token)
+                builders[row].add(token)
+                if token == special.boi:
+                    in_image[row], image_filled[row] = True, 0
+                    images_made[row] += 1
+                elif token == special.eoi:
+                    in_image[row] = False
+                elif in_image[row]:
+                    image_filled[row] += 1
+                elif penalise and token < vocab.text_size:
+                    seen[row, token] = True
+                if token == special.eos:
+                    finish[row] = "eos"
+                elif mode == "image" and token == special.eoi:
+                    finish[row] = "image"
+                elif len(generated[row]) >= budgets[row]:
+                    finish[row] = "length"
+                if finish[row] is not None:
+                    builders[row].finish()
+                    continue
+                feed[row] = token
+                if contexts > 1 and vocab.in_picture(token):
+                    for block in range(1, contexts):
+                        feed[block * batch + row] = token
+                    if token == special.boi:  # the unconditional context restarts at every picture: [<bos>, <boi>]
+                        uncond = (contexts - 1) * batch + row
+                        cache.key_valid[uncond, : cache.length] = False
+                        cache.key_valid[uncond, unconditional_bos_slot] = True
+                        next_position[uncond] = 1
+            if all(f is not None for f in finish):
+                break
+            self.stats.decode_steps += 1
+            run_rows = total_rows if any(f is not None for f in feed[batch:]) else batch
+            self.stats.guided_steps += run_rows > batch
+            step_tokens = torch.tensor([special.pad if f is None else f for f in feed[:run_rows]])[:, None]
+            step_valid = torch.tensor([f is not None for f in feed[:run_rows]])[:, None]
+            step_positions = torch.tensor(next_position[:run_rows])[:, None]
+            view = cache if run_rows == total_rows else cache.head(run_rows)
+            step_logits = model.decode(step_tokens.to(self.device), view, step_positions.to(self.device),
+                                       step_valid.to(self.device))[:, 0]
+            cache.length = view.length
+            if run_rows == total_rows:
+                logits = step_logits
+            else:
+                logits = logits.clone()
+                logits[:run_rows] = step_logits
+            for row in range(run_rows):
+                next_position[row] += feed[row] is not None
+        self._sync()
+        self.stats.decode_seconds += time.perf_counter() - start
+        self.stats.tokens += sum(len(g) for g in generated)
+
+        documents = []
+        for row in range(batch):
+            document = SampledDocument(row, seeds[row], split_segments(full[row], vocab, self.image_grid),
+                                       builders[row].segments, generated[row], finish[row], len(full[row]))
+            documents.append(document)
+            if on_event is not None:
+                on_event(SampleEvent(row=row, kind="done", document=document))
+        return documents
+
+    def _state_index(self, in_image: bool, image_filled: int, images_made: int, max_images: int, remaining: int) -> int:
+        """Row of `self._allowed`: 0 text, 1 picture codes, 2 forced <eoi>, 3 text that may also open a picture."""
+        if in_image:
+            return 2 if image_filled >= self.grid_tokens else 1
+        fits = remaining >= self.grid_tokens + 2  # <boi> + codes + <eoi>
+        return 3 if images_made < max_images and fits else 0
+
+    def _row_settings(self, config: SamplingConfig) -> dict[str, torch.Tensor]:
+        def full(value, dtype=torch.float32):
+            return torch.full((1,), value, dtype=dtype, device=self.device)
+
+        return {"text_temperature": full(config.text.temperature), "image_temperature": full(config.image.temperature),
+                "text_top_k": full(config.text.top_k, torch.long), "image_top_k": full(config.image.top_k, torch.long),
+                "text_top_p": full(config.text.top_p), "image_top_p": full(config.image.top_p),
+                "penalty": full(config.text.repetition_penalty)}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
