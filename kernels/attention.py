@@ -42,28 +42,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: t
     return attention_reference(q, k, v, document_ids, dropout_p)
 
 
-def cached_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start: int,
-                               key_valid: torch.Tensor) -> torch.Tensor:
+def cached_attention_mask(query_start: int | torch.Tensor, length: int, key_valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, S) bool: which of the S cache slots each of T new queries (slots [query_start, query_start + T))
+    may attend to. A query sees earlier-or-equal valid slots; a padding query sees only itself, which keeps its
+    (unused) output finite so it cannot poison later steps. `query_start` may be a 0-d tensor (static shapes
+    for CUDA graphs); key_valid: (B, S) bool, False at padding and unwritten slots."""
+    device = key_valid.device
+    query_slots = query_start + torch.arange(length, device=device)[:, None]
+    key_slots = torch.arange(key_valid.shape[1], device=device)[None, :]
+    allowed = (key_slots <= query_slots)[None] & (key_valid[:, None, :] | (key_slots == query_slots)[None])
+    return allowed[:, None]
+
+
+def cached_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of new queries over a key/value cache (incremental decoding).
 
-    q: (B, H, T, D) for cache slots [query_start, query_start + T); k, v: (B, H_kv, S, D) for slots [0, S) with
-    S = query_start + T; key_valid: (B, S) bool, False at padding. A query sees earlier-or-equal valid slots; a
-    padding query sees only itself, which keeps its (unused) output finite so it cannot poison later steps.
+    q: (B, H, T, D); k, v: (B, H_kv, S, D); mask: (B, 1, T, S) from `cached_attention_mask`. Grouped-query heads
+    are folded into the query length ((B, H_kv, G * T, D) against the un-repeated cache), so the cache is never
+    copied per step.
     """
-    groups = q.shape[1] // k.shape[1]
+    batch, heads, length, head_dim = q.shape
+    groups = heads // k.shape[1]
     if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    query_slots = torch.arange(query_start, query_start + q.shape[2], device=q.device)[:, None]
-    key_slots = torch.arange(k.shape[2], device=q.device)[None, :]
-    allowed = (key_slots <= query_slots)[None] & (key_valid[:, None, :] | (key_slots == query_slots)[None])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        q = q.reshape(batch, k.shape[1], groups * length, head_dim)  # head j * G + g -> row g * T + t of group j
+        mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * length, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.reshape(batch, heads, length, head_dim)
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start: int,
-                     key_valid: torch.Tensor) -> torch.Tensor:
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Dispatch for decoding with a KV cache: the PyTorch reference on every device until a kernel lands."""
-    return cached_attention_reference(q, k, v, query_start, key_valid)
+    return cached_attention_reference(q, k, v, mask)
 
 
 def max_attention_logit(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--guidance", default="none,2way,3way")
     parser.add_argument("--text-tokens", type=int, default=256, help="tokens per document in the text-mode runs")
     parser.add_argument("--bandwidth-mb", type=int, default=0, help="bandwidth probe size (default 512 CPU, 4096 GPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the static decode step")
+    parser.add_argument("--static", choices=("auto", "on", "off"), default="auto",
+                        help="static-shape decode step (auto: on CUDA, where it is replayed as a CUDA graph)")
     parser.add_argument("--out", default="runs/bench_sampler")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -92,7 +95,8 @@ def main() -> None:
     print(f"{args.model}: {parameters / 1e6:.1f}M parameters, vocab {vocab.size}, {args.dtype} on {device}; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {step_bytes / 1e6:.1f} MB of weights per step -> "
           f"bound {bound:.0f} steps/s", flush=True)
-    sampler = Sampler(model, vocab, (args.grid, args.grid))
+    static = {"auto": None, "on": True, "off": False}[args.static]
+    sampler = Sampler(model, vocab, (args.grid, args.grid), static=static, compile=args.compile)
     caption = "a small red circle at the top left and a large blue square at the bottom right."
 
     cases = [("image", guidance, int(b)) for b in args.batches.split(",") for guidance in args.guidance.split(",")]
@@ -109,6 +113,8 @@ def main() -> None:
         if mode == "text":
             def block_eos(logits):
                 return logits.index_fill(1, torch.tensor([vocab.special.eos], device=logits.device), float("-inf"))
+        if args.compile:  # compile this case's shapes outside the timed run
+            sampler.generate(prompts, settings, logits_processor=block_eos)
         sampler.stats = type(sampler.stats)()
         start = time.perf_counter()
         documents = sampler.generate(prompts, settings, logits_processor=block_eos)
@@ -128,12 +134,13 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = {"model": args.model, "parameters": parameters, "vocab_size": vocab.size, "dtype": args.dtype,
+    header = {"model": args.model, "static": sampler.static, "compile": args.compile, "parameters": parameters, "vocab_size": vocab.size, "dtype": args.dtype,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "grid": args.grid, "read_bandwidth_gb_s": round(bandwidth / 1e9, 2), "weight_mb_per_step": round(step_bytes / 1e6, 2),
               "bound_steps_per_s": round(bound, 1)}
     (out / "results.json").write_text(json.dumps({"setup": header, "results": results}, indent=2) + "\n")
-    lines = [f"{args.model} ({parameters / 1e6:.1f}M parameters, {args.dtype}) on {header['device']}: read bandwidth "
+    step = "compiled static step" if args.compile else ("static step (CUDA graph on GPU)" if sampler.static else "eager")
+    lines = [f"{args.model} ({parameters / 1e6:.1f}M parameters, {args.dtype}, {step}) on {header['device']}: read bandwidth "
              f"{header['read_bandwidth_gb_s']} GB/s, {header['weight_mb_per_step']} MB of weights per step, bound "
              f"{header['bound_steps_per_s']} steps/s", "",
              "| mode | guidance | batch | decode tokens/s | steps/s | of bound | s per picture |",

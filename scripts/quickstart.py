@@ -15,6 +15,8 @@ Stages (each prints the command it runs; re-running reuses finished stages, --re
   9. vocab    unified-lm vocab --tokenizer OUT/tokenizer --world OUT/world --text default (Wikipedia summaries)
  10. prepare  unified-lm prepare OUT/world/documents.jsonl --split train --text-documents 300 -> OUT/packed
  11. lm       deepspeed --num_gpus 1 scripts/train_unified.py --model small ... --out OUT/lm (ZeRO-2)
+ 12. sample   unified-lm sample --ckpt OUT/lm --tokenizer OUT/tokenizer --prompts ... --mode interleaved|image|understanding
+              on held-out world prompts -> OUT/samples/<mode>/index.html (open it in a browser)
 """
 from __future__ import annotations
 
@@ -82,6 +84,41 @@ def train_unified_model(out: Path, steps: int) -> dict:
     return {"first": records[0], "last": records[-1]}
 
 
+def held_out_prompts(world: Path, count: int) -> dict[str, list[dict]]:
+    """Prompts from documents the model never trained on: story openings (interleaved), captions (image) and
+    questions about pictures (understanding)."""
+    prompts: dict[str, list[dict]] = {"interleaved": [], "image": [], "understanding": []}
+    for line in (world / "documents.jsonl").read_text().splitlines():
+        document = json.loads(line)
+        if document["split"] != "heldout":
+            continue
+        segments = document["segments"]
+        if document["kind"] == "story":
+            prompts["interleaved"].append({"segments": [segments[0]]})
+        elif document["kind"] == "text_to_image":
+            prompts["image"].append({"segments": [segments[0]]})
+        elif document["kind"] == "qa":
+            question = segments[1]["text"].split(" Answer:")[0] + " Answer:"
+            prompts["understanding"].append({"segments": [{"image": str(world / segments[0]["image"])},
+                                                          {"text": question}]})
+    return {mode: items[:count] for mode, items in prompts.items()}
+
+
+def sample_documents(out: Path) -> dict[str, Path]:
+    """Stage 12: sample from the trained model; returns each mode's HTML page."""
+    pages = {}
+    settings = {"interleaved": ["--max-new-tokens", 320, "--max-images", 3],
+                "image": ["--cfg", "2way", "--cfg-scale", 2.0], "understanding": ["--max-new-tokens", 24]}
+    for mode, prompts in held_out_prompts(out / "world", count=4).items():
+        file = out / "samples" / f"prompts-{mode}.jsonl"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+        stage(f"sample {mode}", ["sample", "--ckpt", out / "lm", "--tokenizer", out / "tokenizer", "--prompts", file,
+                                 "--mode", mode, "--out", out / "samples" / mode, *settings[mode]], unified_lm, "unified-lm")
+        pages[mode] = out / "samples" / mode / "index.html"
+    return pages
+
+
 def copy_photos(out: Path) -> None:
     for split in ("train", "heldout"):
         folder = out / "photos" / split
@@ -129,6 +166,7 @@ def main() -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     grid = reconstruction_grid(out, metrics["resolution"])
     lm = train_unified_model(out, args.lm_steps)
+    pages = sample_documents(out)
     print(f"\nquickstart finished in {time.perf_counter() - start:.0f}s")
     print(f"  held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, codebook usage "
           f"{100 * metrics['codebook_usage']:.1f}% of {metrics['tokenizer']['codebook_size']} "
@@ -138,6 +176,8 @@ def main() -> None:
     print(f"  unified model: loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']}); "
           f"text {last['text_loss']:.3f}, image {last['image_loss']:.3f}; {last['tokens_per_s']:,.0f} tokens/s")
     print(f"  run: {out / 'lm'} (log.jsonl, loss.png, checkpoints/ with model.safetensors)")
+    print(f"  sampled documents (open in a browser): {pages['interleaved']}")
+    print(f"    text -> picture: {pages['image']}\n    picture -> answer: {pages['understanding']}")
 
 
 if __name__ == "__main__":

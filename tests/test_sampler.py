@@ -329,3 +329,20 @@ def test_prompt_file_format(tmp_path):
         read_prompt_file(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="prompts file not found"):
         read_prompt_file(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("guidance", ["none", "3way"])
+def test_static_decode_step_gives_the_same_documents(vocab, guidance):
+    """The fixed-shape step (what CUDA graphs replay on GPU) run eagerly here: same logits, same documents."""
+    model = tiny_lm(vocab)
+    settings = config(max_new_tokens=60, guidance={"mode": guidance}, text={"temperature": 1.0, "top_p": 1.0})
+    processor = boost(vocab.special.boi, 5.0)
+    traces = [SamplerTrace(), SamplerTrace()]
+    dynamic = Sampler(model, vocab, GRID, static=False).generate(PROMPTS, settings, logits_processor=processor,
+                                                                 trace=traces[0])
+    static = Sampler(model, vocab, GRID, static=True).generate(PROMPTS, settings, logits_processor=processor,
+                                                               trace=traces[1])
+    assert [d.tokens for d in static] == [d.tokens for d in dynamic]
+    assert any(d.images for d in static)
+    for a, b in zip(*(t.raw for t in traces)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -23,7 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import attention, cached_attention, max_attention_logit
+from kernels.attention import (
+    attention,
+    cached_attention,
+    cached_attention_mask,
+    max_attention_logit,
+)
 from kernels.linear_cross_entropy import linear_cross_entropy
 
 from .config import ModelConfig
@@ -80,18 +85,23 @@ class KVCache:
 
 @dataclass
 class LayerCache:
-    """One layer's view of a KVCache while `count` new tokens are written at slot `start`."""
+    """One layer's view of a KVCache while new tokens are written at `slot`; `mask` (B, 1, T, S) says which
+    slots each new token attends to (built once per step, shared by every layer)."""
 
     keys: torch.Tensor
     values: torch.Tensor
-    key_valid: torch.Tensor
-    start: int
+    slot: int | torch.Tensor
+    mask: torch.Tensor
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, H_kv, T, D) -> all keys/values up to and including them."""
-        end = self.start + k.shape[2]
-        self.keys[:, :, self.start : end] = k
-        self.values[:, :, self.start : end] = v
+        """k, v: (B, H_kv, T, D) -> the keys/values the new tokens attend over."""
+        if isinstance(self.slot, torch.Tensor):  # static shapes (CUDA graphs): one token at a tensor slot, all slots
+            self.keys.index_copy_(2, self.slot.view(1), k)
+            self.values.index_copy_(2, self.slot.view(1), v)
+            return self.keys, self.values
+        end = self.slot + k.shape[2]
+        self.keys[:, :, self.slot : end] = k
+        self.values[:, :, self.slot : end] = v
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
@@ -176,7 +186,7 @@ class Attention(nn.Module):
             out = attention(q, k, v, document_ids, self.dropout if self.training else 0.0)
         else:  # decoding: keys/values (after QK-norm and RoPE) go into the cache, queries see the whole cache
             keys, values = cache.append(k, v)
-            out = cached_attention(q, keys, values, cache.start, cache.key_valid[:, : cache.start + length])
+            out = cached_attention(q, keys, values, cache.mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -231,7 +241,7 @@ class OutputHead(nn.Module):
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
         """x: (N, dim). Without targets: logits (N, V) fp32; with targets (N,): (ce, log_z), each (N,) fp32."""
         if targets is None:
-            return (x @ self.matrix.t()).float()
+            return F.linear(x, self.matrix).float()
         return linear_cross_entropy(x, self.matrix, targets)
 
 
@@ -335,28 +345,41 @@ class UnifiedTransformer(nn.Module):
             )
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-               valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, valid: torch.Tensor | None = None,
+               last_only: bool = False, slot: torch.Tensor | None = None) -> torch.Tensor:
         """Incremental decoding: run `tokens` (B, T) through the model, appending their keys/values to `cache`.
 
         positions: (B, T) RoPE positions of the new tokens (a left-padded prompt's first real token is 0);
         valid: (B, T) bool, False for padding (default: all real). Returns fp32 logits (B, T, V), equal to a full
         forward over each row's real tokens (tests check 1e-5 in fp32); with `last_only`, (B, 1, V) for the last
         column only (a prompt's prefill needs no more).
+
+        slot: static-shape mode for CUDA graphs: one token per row (T = 1) written at cache slot `slot` (a 0-d
+        long tensor), attending over the whole cache through the mask; `cache.length` is left to the caller.
+        Every shape and address is then the same at every step, so the step can be captured once and replayed.
         """
         batch, length = tokens.shape
-        start = cache.length
-        if start + length > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} slots; {start} used, {length} more requested")
-        cache.key_valid[:, start : start + length] = True if valid is None else valid
+        if valid is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
+        if slot is None:
+            start = cache.length
+            if start + length > cache.capacity:
+                raise ValueError(f"KV cache holds {cache.capacity} slots; {start} used, {length} more requested")
+            cache.key_valid[:, start : start + length] = valid
+            mask = cached_attention_mask(start, length, cache.key_valid[:, : start + length])
+            cache.length = start + length
+        else:
+            if length != 1:
+                raise ValueError(f"static-shape decoding takes one token per row, got {length}")
+            start = slot
+            cache.key_valid.index_copy_(1, slot.view(1), valid)
+            mask = cached_attention_mask(slot, 1, cache.key_valid)
         cos_table, sin_table = self.rope(tokens.device)
         positions = positions.clamp(min=0)  # padding positions are unused; keep the table lookup in range
         cos, sin = cos_table[positions], sin_table[positions]
         x = self.embed(tokens)
         for index, layer in enumerate(self.layers):
-            view = LayerCache(cache.keys[index], cache.values[index], cache.key_valid, start)
-            x = layer(x, cos, sin, None, None, view)
-        cache.length = start + length
+            x = layer(x, cos, sin, None, None, LayerCache(cache.keys[index], cache.values[index], start, mask))
         if last_only:
             x, length = x[:, -1:], 1
         return self.lm_head(self.norm(x).reshape(batch * length, -1)).view(batch, length, -1)

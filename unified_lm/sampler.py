@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .decode_step import StaticDecodeStep
 from .model import KVCache, UnifiedTransformer
 from .sampling import (
     Guidance,
@@ -196,14 +197,20 @@ class _DocumentBuilder:
 
 class Sampler:
     """Generates documents from a unified model. `image_grid` (h, w) is the picture size the model draws (from
-    the checkpoint's training data, `LoadedModel.image_grids`); None disables pictures."""
+    the checkpoint's training data, `LoadedModel.image_grids`); None disables pictures.
 
-    def __init__(self, model: UnifiedTransformer, vocab: Vocabulary, image_grid: tuple[int, int] | None):
+    static: decode through `StaticDecodeStep` (fixed shapes, replayed as a CUDA graph on GPU); default: on CUDA
+    only. compile: run that step through torch.compile (implies static)."""
+
+    def __init__(self, model: UnifiedTransformer, vocab: Vocabulary, image_grid: tuple[int, int] | None,
+                 static: bool | None = None, compile: bool = False):
         if model.config.vocab_size != vocab.size:
             raise ValueError(f"model vocab_size {model.config.vocab_size} does not match the vocabulary ({vocab.size} ids)")
         self.model, self.vocab = model.eval(), vocab
         self.image_grid = tuple(image_grid) if image_grid is not None else None
         self.device = next(model.parameters()).device
+        self.static = compile or (self.device.type == "cuda" if static is None else static)
+        self.compile = compile
         self.stats = SamplerStats()
         special = vocab.special
         text = torch.zeros(vocab.size, dtype=torch.bool)
@@ -293,6 +300,10 @@ class Sampler:
         positions = (valid.cumsum(1) - 1).clamp(min=0)
         dtype = next(model.parameters()).dtype
         cache = KVCache.allocate(model.config, total_rows, width + max(budgets), self.device, dtype)
+        steps = {}
+        if self.static:  # before the prefill: warming a step up writes slot 0, which the prefill overwrites
+            for count in {total_rows, batch}:
+                steps[count] = StaticDecodeStep(model, cache, count, compile=self.compile)
         start = time.perf_counter()
         logits = model.decode(tokens.to(self.device), cache, positions.to(self.device), valid.to(self.device),
                               last_only=True)[:, 0]
@@ -392,10 +403,14 @@ class Sampler:
             step_tokens = torch.tensor([special.pad if f is None else f for f in feed[:run_rows]])[:, None]
             step_valid = torch.tensor([f is not None for f in feed[:run_rows]])[:, None]
             step_positions = torch.tensor(next_position[:run_rows])[:, None]
-            view = cache if run_rows == total_rows else cache.head(run_rows)
-            step_logits = model.decode(step_tokens.to(self.device), view, step_positions.to(self.device),
-                                       step_valid.to(self.device))[:, 0]
-            cache.length = view.length
+            step_inputs = (step_tokens.to(self.device), step_positions.to(self.device), step_valid.to(self.device))
+            if self.static:
+                step_logits = steps[run_rows](*step_inputs, cache.length)
+                cache.length += 1
+            else:
+                view = cache if run_rows == total_rows else cache.head(run_rows)
+                step_logits = model.decode(step_inputs[0], view, step_inputs[1], step_inputs[2])[:, 0]
+                cache.length = view.length
             if run_rows == total_rows:
                 logits = step_logits
             else:
