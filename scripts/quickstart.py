@@ -99,7 +99,7 @@ def held_out_prompts(world: Path, count: int) -> dict[str, list[dict]]:
             prompts["image"].append({"segments": [segments[0]]})
         elif document["kind"] == "qa":
             question = segments[1]["text"].split(" Answer:")[0] + " Answer:"
-            prompts["understanding"].append({"segments": [{"image": str(world / segments[0]["image"])},
+            prompts["understanding"].append({"segments": [{"image": str((world / segments[0]["image"]).resolve())},
                                                           {"text": question}]})
     return {mode: items[:count] for mode, items in prompts.items()}
 
