@@ -346,13 +346,13 @@ class Sampler:
                 mixed = logits_processor(mixed)
             allowed = self._allowed[torch.tensor(state, device=self.device)]
             masked = mixed.masked_fill(~allowed, float("-inf"))
-            picks = image_rows
-            if penalise:
-                penalty = torch.where(picks, torch.ones_like(settings["penalty"]), settings["penalty"])
+            if penalise:  # text rows only
+                penalty = torch.where(image_rows, torch.ones_like(settings["penalty"]), settings["penalty"])
                 masked = apply_repetition_penalty(masked, seen, penalty)
-            temperature = torch.where(picks, settings["image_temperature"], settings["text_temperature"])
-            filtered = filter_logits(masked, temperature, torch.where(picks, settings["image_top_k"], settings["text_top_k"]),
-                                     torch.where(picks, settings["image_top_p"], settings["text_top_p"]))
+            temperature = torch.where(image_rows, settings["image_temperature"], settings["text_temperature"])
+            top_k = torch.where(image_rows, settings["image_top_k"], settings["text_top_k"])
+            top_p = torch.where(image_rows, settings["image_top_p"], settings["text_top_p"])
+            filtered = filter_logits(masked, temperature, top_k, top_p)
             noise = generators.exponential(vocab.size)
             drawn = draw(filtered, noise, temperature == 0).tolist()
             if trace is not None:
