@@ -310,7 +310,7 @@ class Sampler:
         self._sync()
         self.stats.prefill_seconds += time.perf_counter() - start
         next_position = [len(ids) for ids in rows]
-        unconditional_bos_slot = width - len(rows[-1]) if guidance.mode != "none" else 0
+        first_slot = [width - len(ids) for ids in rows]  # where each row's <bos> sits in the cache
 
         # per-document state (host side: the sampled ids come back once per step anyway)
         seeds = [p.seed if p.seed is not None else config.seed + i for i, p in enumerate(prompts)]
@@ -393,7 +393,7 @@ class Sampler:
                     if token == special.boi:  # the unconditional context restarts at every picture: [<bos>, <boi>]
                         uncond = (contexts - 1) * batch + row
                         cache.key_valid[uncond, : cache.length] = False
-                        cache.key_valid[uncond, unconditional_bos_slot] = True
+                        cache.key_valid[uncond, first_slot[uncond]] = True
                         next_position[uncond] = 1
             if all(f is not None for f in finish):
                 break
