@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from vqtok.checkpoint import load_weights
 
 from .config import UnifiedConfig
 from .model import UnifiedTransformer
@@ -79,15 +80,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise ValueError(f"{directory / 'config.json'}: model.vocab_size {config.model.vocab_size} does not match "
                          f"the checkpoint's vocabulary ({vocab.size} ids)")
     model = UnifiedTransformer(config.model)
-    state = load_file(directory / "model.safetensors")
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{directory / 'model.safetensors'}: weights do not match config.json (missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]})")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{directory / 'model.safetensors'}: {name} has shape {tuple(tensor.shape)}, "
-                             f"config.json expects {tuple(expected[name].shape)}")
-    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    load_weights(model, directory / "model.safetensors")  # names and shapes checked against config.json
     return LoadedModel(model.to(device=device, dtype=dtype).eval(), vocab, config, directory, meta)

@@ -78,10 +78,6 @@ class SampledDocument:
     def images(self) -> list[np.ndarray]:
         return [s.codes for s in self.segments if s.kind == "image"]
 
-    @property
-    def text(self) -> str:
-        return "\n\n".join(s.text for s in self.segments if s.kind == "text")
-
 
 @dataclass
 class SampleEvent:
@@ -113,7 +109,6 @@ class SamplerStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_steps: int = 0
-    guided_steps: int = 0  # steps that also ran the guidance rows
     tokens: int = 0  # generated tokens over all documents
 
     @property
@@ -399,7 +394,6 @@ class Sampler:
                 break
             self.stats.decode_steps += 1
             run_rows = total_rows if any(f is not None for f in feed[batch:]) else batch
-            self.stats.guided_steps += run_rows > batch
             step_tokens = torch.tensor([special.pad if f is None else f for f in feed[:run_rows]])[:, None]
             step_valid = torch.tensor([f is not None for f in feed[:run_rows]])[:, None]
             step_positions = torch.tensor(next_position[:run_rows])[:, None]
