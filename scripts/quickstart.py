@@ -1,43 +1,97 @@
-"""The quickstart on the embedded default data: tokenizer -> encode -> vocabulary -> prepare -> DeepSpeed training.
+"""The whole loop on the embedded default data, measured: tokenizer -> tokens -> unified model -> samples -> report.
 
-    bash scripts/quickstart.sh            # = setup + python scripts/quickstart.py
-    python scripts/quickstart.py --steps 600 --lm-steps 400 --out runs/quickstart-long
+    bash scripts/quickstart.sh                               # = setup + python scripts/quickstart.py (CPU, ~13 min)
+    python scripts/quickstart.py --preset cpu-long           # the same loop with a longer CPU budget
+    python scripts/quickstart.py --preset gpu                # the same loop, scaled up for one or more GPUs
+    python scripts/quickstart.py --redo lm                   # redo the unified model and every stage after it
 
-Stages (each prints the command it runs; re-running reuses finished stages, --redo starts over):
-  1. photos   copy the embedded photo set (scikit-image's bundled photographs) to OUT/photos/{train,heldout}
-  2. train    vqtok train --config small --data OUT/photos/train --steps N --out OUT/tokenizer
-  3. encode   vqtok encode OUT/photos --ckpt OUT/tokenizer --out OUT/tokens
-  4. decode   vqtok decode OUT/tokens --ckpt OUT/tokenizer --out OUT/decoded
-  5. eval     vqtok eval --ckpt OUT/tokenizer --data OUT/photos/heldout  -> OUT/metrics.json
-  6. grid     held-out originals above their reconstructions -> OUT/reconstructions.png
-  7. world    unified-lm world --out OUT/world                 (procedural captioned world, 64x64 pictures)
-  8. encode   vqtok encode OUT/world/images --resolution 64   (8x8 = 64 tokens per picture)
-  9. vocab    unified-lm vocab --tokenizer OUT/tokenizer --world OUT/world --text default (Wikipedia summaries)
- 10. prepare  unified-lm prepare OUT/world/documents.jsonl --split train --text-documents 300 -> OUT/packed
- 11. lm       deepspeed --num_gpus 1 scripts/train_unified.py --model small ... --out OUT/lm (ZeRO-2)
- 12. sample   unified-lm sample --ckpt OUT/lm --tokenizer OUT/tokenizer --prompts ... --mode interleaved|image|understanding
-              on held-out world prompts -> OUT/samples/<mode>/index.html (open it in a browser)
+Stages (each prints the command it runs; a re-run reuses what is finished; --redo STAGE redoes that stage and the
+ones after it, --redo all everything):
+  world     unified-lm world --out OUT/world                 procedural captioned world with a held-out split
+  photos    the embedded photos (scikit-image's bundled photographs) -> OUT/photos/{train,heldout}
+  tokenizer vqtok train --data OUT/photos/train --data OUT/tokenizer_data@SIZE   (photos + training-split world
+            pictures at their native size) -> OUT/tokenizer
+  encode    vqtok encode OUT/world/images --resolution SIZE -> OUT/world_tokens
+  vocab     unified-lm vocab (sentencepiece on the world's training texts + English Wikipedia) -> OUT/vocab
+  prepare   unified-lm prepare OUT/world/documents.jsonl --split train --text-documents N -> OUT/packed
+  lm        deepspeed --num_gpus P scripts/train_unified.py (ZeRO-2; P processes: 2 on CPU) -> OUT/lm
+  sample    unified-lm sample on held-out prompts: interleaved stories, text -> picture, questions
+            -> OUT/samples/<mode>/index.html
+  eval      unified-lm eval -> OUT/eval/eval.json and OUT/eval/index.html: THE REPORT (open it in a browser)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from unified_lm.cli import main as unified_lm
-from vqtok.cli import main as vqtok
-from vqtok.data import default_photo_paths
-from vqtok.distributed import free_port
-from vqtok.images import atomic_save_png, load_rgb, preprocess
+from unified_lm.cli import main as unified_lm  # noqa: E402
+from vqtok.cli import main as vqtok  # noqa: E402
+from vqtok.data import default_photo_paths  # noqa: E402
+from vqtok.distributed import free_port  # noqa: E402
+
+STAGES = ("world", "photos", "tokenizer", "encode", "vocab", "prepare", "lm", "sample", "eval")
+OUTPUTS = {"world": ["world"], "photos": ["photos"], "tokenizer": ["tokenizer", "tokenizer_data"],
+           "encode": ["world_tokens"], "vocab": ["vocab"], "prepare": ["packed"], "lm": ["lm"],
+           "sample": ["samples"], "eval": ["eval"]}
+
+
+@dataclass
+class Preset:
+    """Everything that changes between the CPU quickstart and a scaled-up run of the same loop."""
+    scenes: int = 6000  # world documents (10% held out)
+    image_size: int = 48  # world pictures, pixels: 6x6 = 36 tokens with the f8 tokenizer
+    tokenizer_config: str = "small"
+    tokenizer_steps: int = 1500
+    world_share: int = 3  # the world's pictures get 3 of every 4 tokenizer training samples, the photos 1
+    # Narrow (16 base channels: ~0.14 s a step on 2 cores) so it gets the ~1000 steps it needs before the
+    # world's colours come out; L2 beside L1 so the small coloured shapes are not averaged into the background.
+    tokenizer_set: list[str] = field(default_factory=lambda: [
+        "model.base_channels=16", "model.num_groups=4", "train.crop_size=48", "train.lr=1e-3", "loss.l2_weight=1.0",
+        "quantizer.codebook_size=1024", "quantizer.dead_code_threshold=0.05"])
+    text_vocab_size: int = 2000
+    text_documents: int = 300  # English Wikipedia documents mixed into training (held-out ones are the last ones)
+    seq_len: int = 512
+    lm_model: str = "small"
+    lm_steps: int = 200
+    lm_set: list[str] = field(default_factory=lambda: [
+        "train.micro_batch_size=4", "train.warmup_steps=20", "train.lr=2e-3", "train.log_every=10",
+        "train.checkpoint_every=100"])
+    processes: int = 2  # DeepSpeed processes (CPU: gloo; GPU: one per device)
+    deepspeed_config: str = "zero2.json"
+    device: str = "cpu"
+    eval_count: int = 48
+    eval_stories: int = 16
+    eval_text_documents: int = 100
+    samples: int = 4  # prompts per sampling mode
+
+
+PRESETS = {
+    "cpu": Preset(),
+    "cpu-long": Preset(tokenizer_steps=4000, lm_steps=1500, scenes=12000),
+    # the reduced loop the test suite runs end to end (tiny models, a small world; numbers are not meaningful)
+    "ci": Preset(scenes=300, image_size=24, tokenizer_config="tiny", tokenizer_steps=4,
+                 tokenizer_set=["train.crop_size=24", "quantizer.codebook_size=64"], text_vocab_size=400, text_documents=20, seq_len=256,
+                 lm_model="tiny", lm_steps=4, lm_set=["model.max_seq_len=1024", "train.micro_batch_size=2", "train.log_every=2",
+                                                      "train.checkpoint_every=4"],
+                 eval_count=4, eval_stories=2, eval_text_documents=4, samples=2),
+    # one node of GPUs (not run here: no GPU was lent while this was written); 64 px pictures, 8x8 tokens
+    "gpu": Preset(scenes=100_000, image_size=64, tokenizer_steps=20_000,
+                  tokenizer_set=["train.crop_size=64", "train.batch_size=32", "quantizer.codebook_size=8192"],
+                  text_vocab_size=8000, text_documents=8000, seq_len=2048, lm_model="350m", lm_steps=20_000,
+                  lm_set=["train.micro_batch_size=8", "train.log_every=50", "train.checkpoint_every=1000"],
+                  processes=0, device="cuda", eval_count=500, eval_stories=200, eval_text_documents=500, samples=16),
+}
 
 
 def stage(name: str, argv: list, command=vqtok, program: str = "vqtok") -> None:
@@ -60,28 +114,31 @@ def launch(name: str, argv: list) -> None:
     print(f"== {name} done in {time.perf_counter() - start:.1f}s", flush=True)
 
 
-def train_unified_model(out: Path, steps: int) -> dict:
-    """Stages 7-11: the world corpus through the small unified model, trained with DeepSpeed (ZeRO-2)."""
-    stage("world", ["world", "--out", out / "world", "--scenes", 1000, "--seed", 0, "--image-size", 64],
-          unified_lm, "unified-lm")
-    stage("encode world", ["encode", out / "world" / "images", "--ckpt", out / "tokenizer", "--out",
-                           out / "world_tokens", "--resolution", 64, "--quiet"])
-    if not (out / "vocab" / "vocab.json").exists():
-        stage("vocab", ["vocab", "--tokenizer", out / "tokenizer", "--world", out / "world", "--text", "default",
-                        "--text-vocab-size", 4000, "--out", out / "vocab"], unified_lm, "unified-lm")
-    if not (out / "packed" / "dataset.json").exists():
-        stage("prepare", ["prepare", out / "world" / "documents.jsonl", "--vocab", out / "vocab", "--tokens",
-                          out / "world_tokens", "--split", "train", "--seq-len", 512, "--text-documents", 300,
-                          "--out", out / "packed"], unified_lm, "unified-lm")
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    resume = ["--resume"] if (out / "lm" / "latest").exists() else []
-    launch("lm", [deepspeed, "--num_gpus", 1, "--master_port", free_port(), REPO / "scripts" / "train_unified.py",
-                  "--model", "small", "--data", out / "packed", "--out", out / "lm", "--deepspeed_config",
-                  REPO / "configs" / "deepspeed" / "zero2.json", "--steps", steps, "--set", "train.micro_batch_size=4",
-                  "--set", "train.warmup_steps=15", "--set", "train.log_every=10", "--set", "train.checkpoint_every=50",
-                  *resume])
-    records = [json.loads(line) for line in (out / "lm" / "log.jsonl").read_text().splitlines()]
-    return {"first": records[0], "last": records[-1]}
+def copy_photos(out: Path) -> None:
+    for split in ("train", "heldout"):
+        folder = out / "photos" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in default_photo_paths(split):
+            if not (folder / path.name).exists():
+                shutil.copy2(path, folder / path.name)
+
+
+def link_training_pictures(world: Path, folder: Path) -> Path:
+    """The world's training-split pictures in their own folder (hard links), so the tokenizer never sees a
+    held-out picture."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for line in (world / "documents.jsonl").read_text().splitlines():
+        document = json.loads(line)
+        if document["split"] != "train":
+            continue
+        for segment in document["segments"]:
+            if "image" in segment and not (folder / Path(segment["image"]).name).exists():
+                source = world / segment["image"]
+                try:
+                    os.link(source, folder / source.name)
+                except OSError:  # another filesystem
+                    shutil.copy2(source, folder / source.name)
+    return folder
 
 
 def held_out_prompts(world: Path, count: int) -> dict[str, list[dict]]:
@@ -101,83 +158,135 @@ def held_out_prompts(world: Path, count: int) -> dict[str, list[dict]]:
             question = segments[1]["text"].split(" Answer:")[0] + " Answer:"
             prompts["understanding"].append({"segments": [{"image": str((world / segments[0]["image"]).resolve())},
                                                           {"text": question}]})
-    return {mode: items[:count] for mode, items in prompts.items()}
+    return {mode: items[-count:] for mode, items in prompts.items()}  # the eval takes the first ones
 
 
-def sample_documents(out: Path) -> dict[str, Path]:
-    """Stage 12: sample from the trained model; returns each mode's HTML page."""
+def sample_documents(out: Path, preset: Preset) -> dict[str, Path]:
     pages = {}
-    settings = {"interleaved": ["--max-new-tokens", 320, "--max-images", 3],
-                "image": ["--cfg", "2way", "--cfg-scale", 2.0], "understanding": ["--max-new-tokens", 24]}
-    for mode, prompts in held_out_prompts(out / "world", count=4).items():
+    settings = {"interleaved": ["--max-new-tokens", 4 * (preset.image_size // 8) ** 2 + 160, "--max-images", 3],
+                "image": ["--cfg", "2way", "--cfg-scale", 3.0, "--max-new-tokens", 4096], "understanding": ["--max-new-tokens", 24]}
+    for mode, prompts in held_out_prompts(out / "world", preset.samples).items():
+        folder = out / "samples" / mode
+        if (folder / "index.html").exists():
+            pages[mode] = folder / "index.html"
+            continue
         file = out / "samples" / f"prompts-{mode}.jsonl"
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text("".join(json.dumps(p) + "\n" for p in prompts))
         stage(f"sample {mode}", ["sample", "--ckpt", out / "lm", "--tokenizer", out / "tokenizer", "--prompts", file,
-                                 "--mode", mode, "--out", out / "samples" / mode, *settings[mode]], unified_lm, "unified-lm")
-        pages[mode] = out / "samples" / mode / "index.html"
+                                 "--mode", mode, "--out", folder, "--device", preset.device, *settings[mode]],
+              unified_lm, "unified-lm")
+        pages[mode] = folder / "index.html"
     return pages
 
 
-def copy_photos(out: Path) -> None:
-    for split in ("train", "heldout"):
-        folder = out / "photos" / split
-        folder.mkdir(parents=True, exist_ok=True)
-        for path in default_photo_paths(split):
-            if not (folder / path.name).exists():
-                shutil.copy2(path, folder / path.name)
+def trained_steps(run: Path) -> int:
+    """Optimizer steps of the run's newest complete checkpoint (0 when there is none)."""
+    latest = run / "latest"
+    meta = run / "checkpoints" / latest.read_text().strip() / "meta.json" if latest.is_file() else None
+    return json.loads(meta.read_text())["step"] if meta is not None and meta.is_file() else 0
 
 
-def reconstruction_grid(out: Path, resolution: int) -> Path:
-    originals = sorted((out / "photos" / "heldout").iterdir())
-    top = [preprocess(load_rgb(p), resolution) for p in originals]
-    bottom = [np.asarray(Image.open(out / "decoded" / "heldout" / (p.stem + ".png")).convert("RGB")) for p in originals]
-    pad = 4
-    canvas = np.full((2 * resolution + 3 * pad, len(top) * (resolution + pad) + pad, 3), 255, np.uint8)
-    for column, (a, b) in enumerate(zip(top, bottom)):
-        left = pad + column * (resolution + pad)
-        canvas[pad : pad + resolution, left : left + resolution] = a
-        canvas[2 * pad + resolution : 2 * pad + 2 * resolution, left : left + resolution] = b
-    path = out / "reconstructions.png"
-    atomic_save_png(canvas, path)
-    return path
+def train_lm(out: Path, preset: Preset) -> None:
+    """DeepSpeed's launcher starts the processes (gloo on CPU, one per GPU on CUDA); resumes an interrupted run."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    resume = ["--resume"] if (out / "lm" / "latest").exists() else []
+    processes = ["--num_gpus", preset.processes] if preset.processes else []  # 0: every GPU of the node
+    lm_set = [arg for item in preset.lm_set for arg in ("--set", item)]
+    launch("lm", [deepspeed, *processes, "--master_port", free_port(), REPO / "scripts" / "train_unified.py",
+                  "--model", preset.lm_model, "--data", out / "packed", "--out", out / "lm", "--device", preset.device,
+                  "--deepspeed_config", REPO / "configs" / "deepspeed" / preset.deepspeed_config,
+                  "--steps", preset.lm_steps, *lm_set, *resume])
 
 
-def main() -> None:
+def run(out: Path, preset: Preset) -> dict:
+    start = time.perf_counter()
+    stage("world", ["world", "--out", out / "world", "--scenes", preset.scenes, "--seed", 0, "--image-size",
+                    preset.image_size], unified_lm, "unified-lm")
+    print("\n== photos: embedded default set -> " + str(out / "photos"), flush=True)
+    copy_photos(out)
+    world_pictures = link_training_pictures(out / "world", out / "tokenizer_data")
+    tokenizer_set = [arg for item in preset.tokenizer_set for arg in ("--set", item)]
+    # sources share the samples equally; the world is named `world_share` times (the photos once), since the
+    # world's pictures are what the unified model draws
+    world_sources = ["--data", f"{world_pictures}@{preset.image_size}"] * preset.world_share
+    stage("tokenizer", ["train", "--config", preset.tokenizer_config, "--data", out / "photos" / "train",
+                        *world_sources, "--eval-data", out / "photos" / "heldout",
+                        "--steps", preset.tokenizer_steps, "--out", out / "tokenizer", "--device", preset.device,
+                        *tokenizer_set])
+    stage("encode", ["encode", out / "world" / "images", "--ckpt", out / "tokenizer", "--out", out / "world_tokens",
+                     "--resolution", preset.image_size, "--device", preset.device, "--batch-size", 128, "--quiet"])
+    if not (out / "vocab" / "vocab.json").exists():
+        stage("vocab", ["vocab", "--tokenizer", out / "tokenizer", "--world", out / "world", "--text", "default",
+                        "--text-vocab-size", preset.text_vocab_size, "--out", out / "vocab"], unified_lm, "unified-lm")
+    if not (out / "packed" / "dataset.json").exists():
+        stage("prepare", ["prepare", out / "world" / "documents.jsonl", "--vocab", out / "vocab", "--tokens",
+                          out / "world_tokens", "--split", "train", "--seq-len", preset.seq_len, "--text-documents",
+                          preset.text_documents, "--out", out / "packed"], unified_lm, "unified-lm")
+    if trained_steps(out / "lm") < preset.lm_steps:
+        train_lm(out, preset)
+    pages = sample_documents(out, preset)
+    if not (out / "eval" / "index.html").exists():
+        stage("eval", ["eval", "--ckpt", out / "lm", "--tokenizer", out / "tokenizer", "--world", out / "world",
+                       "--photos", out / "photos" / "heldout", "--out", out / "eval", "--count", preset.eval_count,
+                       "--stories", preset.eval_stories, "--text-documents", preset.eval_text_documents,
+                       "--device", preset.device], unified_lm, "unified-lm")
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "pages": pages}
+
+
+def finish_report(out: Path, preset_name: str, preset: Preset, seconds: float, pages: dict[str, Path]) -> Path:
+    """Rewrite the report with the run's facts (wall time, peak memory, preset) and links to the samples."""
+    from unified_lm.report import write_report
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    itself = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    facts = {"preset": f"{preset_name}: {json.dumps(asdict(preset))}",
+             "this run's wall time": f"{seconds / 60:.1f} min (stages reused from an earlier run take no time)",
+             "peak memory (largest process)": f"{max(children, itself) / 1024:.0f} MB"}
+    return write_report(out / "eval", out / "lm", title="Quickstart: what each stage learned",
+                        links={f"sampled {mode} documents": page for mode, page in pages.items()}, facts=facts)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quickstart")
-    parser.add_argument("--config", default="small")
-    parser.add_argument("--steps", type=int, default=200, help="tokenizer training steps (~0.75 s each on 2 CPU cores)")
-    parser.add_argument("--lm-steps", type=int, default=150, help="unified model steps (~1.5 s each on 2 CPU cores)")
-    parser.add_argument("--redo", action="store_true", help="delete OUT and run every stage again")
-    args = parser.parse_args()
-    out = Path(args.out)
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--redo", choices=("all",) + STAGES, help="redo this stage and every stage after it")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    preset = PRESETS[args.preset]
+    recorded = out / "preset.json"
     if args.redo:
-        shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    print("== photos: embedded default set -> " + str(out / "photos"), flush=True)
-    copy_photos(out)
-    stage("train", ["train", "--config", args.config, "--data", out / "photos" / "train", "--eval-data",
-                    out / "photos" / "heldout", "--steps", args.steps, "--out", out / "tokenizer"])
-    stage("encode", ["encode", out / "photos", "--ckpt", out / "tokenizer", "--out", out / "tokens"])
-    stage("decode", ["decode", out / "tokens", "--ckpt", out / "tokenizer", "--out", out / "decoded"])
-    stage("eval", ["eval", "--ckpt", out / "tokenizer", "--data", out / "photos" / "heldout",
-                   "--json-out", out / "metrics.json"])
-    metrics = json.loads((out / "metrics.json").read_text())
-    grid = reconstruction_grid(out, metrics["resolution"])
-    lm = train_unified_model(out, args.lm_steps)
-    pages = sample_documents(out)
-    print(f"\nquickstart finished in {time.perf_counter() - start:.0f}s")
-    print(f"  held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, codebook usage "
-          f"{100 * metrics['codebook_usage']:.1f}% of {metrics['tokenizer']['codebook_size']} "
-          f"(at most {100 * metrics['usage_upper_bound']:.1f}% on {metrics['tokens']} tokens), perplexity {metrics['code_perplexity']:.0f}")
-    print(f"  reconstructions: {grid}\n  metrics: {out / 'metrics.json'}\n  tokens: {out / 'tokens'}")
-    first, last = lm["first"], lm["last"]
-    print(f"  unified model: loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']}); "
-          f"text {last['text_loss']:.3f}, image {last['image_loss']:.3f}; {last['tokens_per_s']:,.0f} tokens/s")
-    print(f"  run: {out / 'lm'} (log.jsonl, loss.png, checkpoints/ with model.safetensors)")
-    print(f"  sampled documents (open in a browser): {pages['interleaved']}")
-    print(f"    text -> picture: {pages['image']}\n    picture -> answer: {pages['understanding']}")
+        first = 0 if args.redo == "all" else STAGES.index(args.redo)
+        for name in STAGES[first:]:
+            for folder in OUTPUTS[name]:
+                shutil.rmtree(out / folder, ignore_errors=True)
+    elif recorded.exists() and json.loads(recorded.read_text()) != {"name": args.preset, **asdict(preset)}:
+        sys.exit(f"{out} was made with another preset ({recorded}); use another --out or --redo all")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps({"name": args.preset, **asdict(preset)}, indent=1) + "\n")
+    result = run(out, preset)
+    page = finish_report(out, args.preset, preset, result["seconds"], result["pages"])
+    report = json.loads((out / "eval" / "eval.json").read_text())["results"]
+    print(f"\nquickstart finished in {result['seconds'] / 60:.1f} min")
+    for task, label in (("text_to_image", "text -> picture colour+shape"), ("interleaved", "stories colour+shape"),
+                        ("image_to_text", "picture -> caption colour+shape"), ("qa", "questions answered")):
+        key = "accuracy" if task == "qa" else "colour_shape"
+        row = report[task]
+        before = row.get("before_training", {}).get(key)
+        print(f"  {label}: {100 * row['trained'][key]:.1f}% (before training "
+              f"{'-' if before is None else f'{100 * before:.1f}%'}, chance {100 * row['chance'][key]:.1f}%)")
+    if "text" in report:
+        text = report["text"]
+        print(f"  held-out English perplexity: {text['trained']['perplexity']:.1f} (before training "
+              f"{text.get('before_training', {}).get('perplexity', float('nan')):.1f}, uniform {text['chance']['perplexity']:.0f})")
+    photos = report.get("tokenizer_photos", {}).get("trained")
+    if photos:
+        print(f"  tokenizer, held-out photos: PSNR {photos['psnr']:.2f} dB, SSIM {photos['ssim']:.3f}")
+    print(f"\n  THE REPORT (open in a browser): {page}\n  summary picture: {out / 'eval' / 'report.png'}")
+    for mode, sample_page in result["pages"].items():
+        print(f"  sampled {mode} documents: {sample_page}")
 
 
 if __name__ == "__main__":

@@ -166,3 +166,127 @@ def test_crops_are_reproducible_and_channel_permutation_moves_colours(tmp_path):
     bright_channels = {int(permuted[(0, seed)].mean(dim=(1, 2)).argmax()) for seed in range(30)}
     assert bright_channels == {0, 1, 2}
     assert {int(plain[(0, seed)].mean(dim=(1, 2)).argmax()) for seed in range(10)} == {0}
+
+
+# ----------------------------------------------------------------- several training sources (--data DIR[@RES])
+def _solid_images(folder, count, colour, size=(16, 16)):
+    """`count` PNGs of one solid colour: a crop's colour tells which source it came from."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.fromarray(np.full((*size, 3), colour, dtype=np.uint8)).save(folder / f"{index:03d}.png")
+    return folder
+
+
+def test_data_specs_parse_and_bad_ones_are_named(tmp_path):
+    from vqtok.data import ImageSource, check_crop_fits, parse_data_spec, resolve_sources
+
+    assert parse_data_spec("photos/") == ("photos/", None)
+    assert parse_data_spec("world/images@64") == ("world/images", 64)
+    assert parse_data_spec("me@home/pics") == ("me@home/pics", None)  # only a trailing @<digits> is a resolution
+    assert parse_data_spec("a@b@48") == ("a@b", 48)
+    with pytest.raises(ValueError, match=r"'@64': missing DIR"):
+        parse_data_spec("@64")
+    with pytest.raises(ValueError, match=r"'pics@0': .*positive"):
+        parse_data_spec("pics@0")
+    with pytest.raises(ValueError, match="empty path"):
+        parse_data_spec("")
+
+    at_folder = _solid_images(tmp_path / "shots@home", 2, (255, 0, 0))
+    plain = _solid_images(tmp_path / "plain", 3, (0, 0, 255))
+    sources = resolve_sources([str(at_folder), f"{plain}@32"])
+    assert [s.describe() for s in sources] == [{"path": str(at_folder), "resolution": None, "images": 2},
+                                               {"path": str(plain), "resolution": 32, "images": 3}]
+    with pytest.raises(FileNotFoundError, match=r"plain@abc'.*no such file.*'@' followed by digits"):
+        resolve_sources([f"{plain}@abc"])
+    with pytest.raises(FileNotFoundError, match="nope.*no such file"):
+        resolve_sources([str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty@32'.*no image files"):
+        resolve_sources([f"{tmp_path / 'empty'}@32"])
+    with pytest.raises(ValueError, match=r"plain@32: train.crop_size=64.*--set train.crop_size=N with N <= 32"):
+        check_crop_fits(sources, 64)
+    check_crop_fits(sources, 32)
+    assert resolve_sources(None)[0].resolution is None  # no --data: the embedded photos at the config's scale
+    assert isinstance(sources[0], ImageSource)
+
+
+def test_sources_get_balanced_shares_whatever_their_size(tmp_path):
+    from vqtok.data import CropDataset, resolve_sources
+
+    sources = resolve_sources([f"{_solid_images(tmp_path / 'few', 3, (255, 0, 0))}@16",
+                               f"{_solid_images(tmp_path / 'many', 60, (0, 0, 255))}@16"])
+    dataset = CropDataset(sources, resolution=32, crop_size=16)
+    assert dataset.source_sizes == [3, 60] and len(dataset) == 63
+    sampler = StepBatchSampler(dataset.source_sizes, global_batch=8, steps=50, seed=1)
+    items = [item for batch in sampler for item in batch]
+    red = sum(int(dataset[item][0].mean() > 0) for item in items)  # crops of the 3-file source are red
+    assert len(items) == 400 and 0.35 <= red / 400 <= 0.65, red
+    assert {index for index, _ in items[:120]} == set(range(63))  # each source walks its own permutation
+    resumed = StepBatchSampler(dataset.source_sizes, 8, 50, 1, start_step=20)
+    assert list(resumed) == list(sampler)[20:]
+    halves = [StepBatchSampler(dataset.source_sizes, 8, 50, 1, rank=r, world_size=2) for r in (0, 1)]
+    assert all(halves[0].batch(s) + halves[1].batch(s) == sampler.batch(s) for s in range(50))
+    assert {dataset.interleaved_index(i) < 3 for i in range(4)} == {True, False}  # k-means init sees both
+
+
+def test_native_resolution_source_yields_the_whole_picture(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vqtok.data import CropDataset, ImageSource
+
+    picture = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "pic.png")
+    expected = {picture.tobytes(), picture[:, ::-1].tobytes()}
+    native = CropDataset([ImageSource("pics", (tmp_path / "pic.png",), 64)], resolution=256, crop_size=64)
+    seen = set()
+    for seed in range(12):
+        crop = ((native[(0, seed)] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert crop.tobytes() in expected, seed  # exactly the picture (maybe flipped): no resampling
+        seen.add(crop.tobytes())
+    assert seen == expected
+    jittered = CropDataset([tmp_path / "pic.png"], resolution=256, crop_size=64)  # no @RES: enlarged >= 4x
+    crop = ((jittered[(0, 0)] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert crop.tobytes() not in expected
+    # A bad file is replaced by an image of its own source, so the replacement keeps that source's scale.
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    mixed = CropDataset([ImageSource("a", (tmp_path / "pic.png",), None),
+                         ImageSource("b", (tmp_path / "bad.png", tmp_path / "pic.png"), 64)], resolution=256, crop_size=64)
+    crop = ((mixed[(1, 0)] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert crop.tobytes() in expected and mixed.bad == {1}
+
+
+def test_one_source_draws_the_same_batches_and_crops_as_before(image_folder):
+    import numpy as np
+
+    from vqtok.data import CropDataset, ImageSource
+
+    sampler = StepBatchSampler(7, global_batch=6, steps=9, seed=5, start_step=2, rank=1, world_size=2)
+    for step in range(2, 9):  # the historical formula: permutation per epoch seeded [seed, epoch]
+        positions = [step * 6 + slot for slot in range(3, 6)]
+        assert [index for index, _ in sampler.batch(step)] == [
+            int(np.random.default_rng([5, p // 7]).permutation(7)[p % 7]) for p in positions]
+    assert list(StepBatchSampler([7], 6, 9, 5, 2, 1, 2)) == list(sampler)
+    paths = resolve_image_paths(image_folder)
+    as_paths = CropDataset(paths, resolution=32, crop_size=32)
+    as_source = CropDataset([ImageSource("x", tuple(paths))], resolution=32, crop_size=32)
+    for item in [(0, 1), (5, 2), (11, 3)]:
+        assert torch.equal(as_paths[item], as_source[item])
+
+
+def test_cli_trains_on_two_sources_and_records_them(tmp_path, image_folder, capsys):
+    from vqtok.cli import main
+
+    pictures = _solid_images(tmp_path / "pictures", 5, (0, 200, 0), size=(32, 32))
+    run = tmp_path / "run"
+    code = main(["train", "--config", "tiny", "--data", str(image_folder), "--data", f"{pictures}@32", "--steps", "2",
+                 "--out", str(run)])
+    assert code == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 2
+    meta = json.loads((resolve_checkpoint(run) / "meta.json").read_text())
+    assert meta["train_data"] == [{"path": str(image_folder), "resolution": None, "images": 12},
+                                  {"path": str(pictures), "resolution": 32, "images": 5}]
+    code = main(["train", "--config", "tiny", "--data", f"{pictures}@16", "--steps", "2", "--out", str(tmp_path / "r2")])
+    assert code == 2 and "--set train.crop_size=N" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def test_documents_schema(small_world):
     heldout = [d for d in documents if d["split"] == "heldout"]
     assert 3 <= len(heldout) <= 9 and small_world.split_counts["heldout"] == len(heldout)
     info = json.loads((root / "world.json").read_text())
-    assert info["format"] == "unified-lm-world/1" and info["kind_counts"] == dict(Counter(d["kind"] for d in documents))
+    assert info["format"] == "unified-lm-world/2" and info["kind_counts"] == dict(Counter(d["kind"] for d in documents))
     assert info["vocabulary"]["cells"] == list(CELLS)
     texts = list(world_texts(root))
     assert len(texts) == sum("text" in s for d in documents for s in d["segments"])

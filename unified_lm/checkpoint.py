@@ -30,7 +30,37 @@ class LoadedModel:
 
     @property
     def image_grids(self) -> dict[str, int]:
-        return dict(self.meta.get("image_grids") or {})
+        """"HxW" -> pictures of that grid in the training data (from meta.json, else the run's dataset.json)."""
+        grids = dict(self.meta.get("image_grids") or {})
+        if not grids:  # checkpoints from before grids were recorded: look at the dataset they were trained on
+            info = Path(str(self.meta.get("dataset", ""))) / "dataset.json"
+            if info.is_file():
+                grids = json.loads(info.read_text()).get("image_grids") or {}
+        return grids
+
+    @property
+    def image_grid(self) -> tuple[int, int] | None:
+        """The grid most training pictures had: what the model learned to draw (None: trained on no pictures)."""
+        grids = self.image_grids
+        return parse_grid(max(grids, key=grids.get)) if grids else None
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """"8x8" -> (8, 8)."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a picture grid is HxW (e.g. 8x8), got {text!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"a picture grid must be positive, got {text!r}")
+    return height, width
+
+
+def untrained_model(config: UnifiedConfig) -> UnifiedTransformer:
+    """The weights training starts from (torch seeded with train.seed, then the model built, as the trainer does
+    for ZeRO stages 0-2): the before-training baseline of `unified-lm eval`."""
+    torch.manual_seed(config.train.seed)
+    return UnifiedTransformer(config.model)
 
 
 def write_model_files(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: UnifiedConfig,

@@ -6,6 +6,8 @@
                        [--seq-len 512] [--train-on all|text|image] [--split train] [--text-documents N]
     unified-lm sample  --ckpt RUN --tokenizer VQRUN --prompt TEXT [--image PATH ...] [--prompts FILE.jsonl]
                        --mode interleaved|text|image|understanding --out DIR [--cfg none|2way|3way] [--num-samples N]
+    unified-lm eval    --ckpt RUN --tokenizer VQRUN --world DIR --out EVAL [--photos DIR] [--count 48]
+                       -> EVAL/eval.json, EVAL/index.html (the report), EVAL/report.png
 
 Training is `deepspeed scripts/train_unified.py` (see its --help).
 Exit status: 0 success, 2 bad arguments, configuration or input (the message names the file or field).
@@ -73,28 +75,14 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def parse_grid(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--image-grid expects HxW (e.g. 8x8), got {text!r}") from None
-    if height <= 0 or width <= 0:
-        raise ValueError(f"--image-grid must be positive, got {text!r}")
-    return height, width
-
-
 def image_grid_of(loaded, requested: str | None) -> tuple[int, int] | None:
     """--image-grid, else the grid most of the checkpoint's training pictures had, else None."""
-    if requested:
-        return parse_grid(requested)
-    grids = loaded.image_grids
-    if not grids:  # checkpoints from before grids were recorded: look at the dataset they were trained on
-        from pathlib import Path
+    from .checkpoint import parse_grid
 
-        info = Path(str(loaded.meta.get("dataset", ""))) / "dataset.json"
-        if info.is_file():
-            grids = json.loads(info.read_text()).get("image_grids") or {}
-    return parse_grid(max(grids, key=grids.get)) if grids else None
+    try:
+        return parse_grid(requested) if requested else loaded.image_grid
+    except ValueError as err:
+        raise ValueError(f"--image-grid: {err}") from None
 
 
 def sampling_config(args):
@@ -174,6 +162,41 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from vqtok.checkpoint import load_tokenizer, read_checkpoint, untrained_tokenizer
+    from vqtok.data import resolve_image_paths
+
+    from .checkpoint import load_model
+    from .evaluate import EvalSettings, evaluate
+    from .report import write_report
+
+    settings = EvalSettings(count=args.count, stories=args.stories, text_documents=args.text_documents,
+                            text_corpus=args.text_corpus, guidance=args.cfg, guidance_scale=args.cfg_scale,
+                            image_temperature=args.image_temperature, image_top_k=args.image_top_k,
+                            batch_size=args.batch_size, seed=args.seed, baselines=not args.no_baselines)
+    if min(settings.count, settings.stories, settings.batch_size) < 1 or settings.text_documents < 0:
+        raise ValueError("--count, --stories and --batch-size must be positive, --text-documents >= 0")
+    loaded = load_model(args.ckpt, args.device)
+    tokenizer, meta = load_tokenizer(args.tokenizer, args.device)
+    loaded.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {args.tokenizer}")
+    untrained = None
+    if settings.baselines:
+        untrained = untrained_tokenizer(read_checkpoint(args.tokenizer)[1]).to(args.device)
+    photos = [] if args.photos == "none" else resolve_image_paths(args.photos, "heldout")
+    result = evaluate(loaded, tokenizer, args.world, args.out, settings, photos, untrained,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    run = Path(args.ckpt) if (Path(args.ckpt) / "log.jsonl").is_file() else None
+    page = write_report(args.out, run, title=f"What {loaded.directory.parent.parent.name or 'the model'} learned")
+    headline = {task: {name: values.get("colour_shape", values.get("accuracy", values.get("perplexity")))
+                       for name, values in columns.items() if isinstance(values, dict)}
+                for task, columns in result["results"].items() if not task.startswith("tokenizer")}
+    print(json.dumps({"report": str(page), "eval": str(Path(args.out) / "eval.json"), "headline": headline,
+                      "seconds": round(sum(result["seconds"].values()), 1)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unified-lm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,6 +272,30 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--compile", action="store_true", help="torch.compile the decode step (CPU: ~40 s to compile; "
                         "pays off for long runs). On CUDA the step is a CUDA graph either way")
     sample.set_defaults(run=cmd_sample)
+
+    evaluate = commands.add_parser("eval", help="measure what the model learned on the held-out world and text; "
+                                   "write the report", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate.add_argument("--ckpt", required=True, help="training run (follows latest; its log.jsonl gives the curves) "
+                          "or checkpoint directory")
+    evaluate.add_argument("--tokenizer", required=True, help="vqtok run the vocabulary was built for")
+    evaluate.add_argument("--world", required=True, help="world directory (from `unified-lm world`): held-out split")
+    evaluate.add_argument("--out", required=True, help="EVAL directory: eval.json, index.html, report.png, pictures/")
+    evaluate.add_argument("--photos", help="held-out photos for the tokenizer rows (default: the embedded held-out "
+                          "photos; 'none' skips them)")
+    evaluate.add_argument("--count", type=int, default=48, help="held-out documents per world task")
+    evaluate.add_argument("--stories", type=int, default=16, help="held-out stories (interleaved task)")
+    evaluate.add_argument("--text-documents", type=int, default=100, help="held-out English documents (the corpus's "
+                          "last N; 0 skips perplexity)")
+    evaluate.add_argument("--text-corpus", default="default", help="'default' (Wikipedia summaries) or a text file")
+    evaluate.add_argument("--cfg", choices=("none", "2way", "3way"), default="2way")
+    evaluate.add_argument("--cfg-scale", type=float, default=3.0)
+    evaluate.add_argument("--image-temperature", type=float, default=1.0)
+    evaluate.add_argument("--image-top-k", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--no-baselines", action="store_true", help="skip the untrained model and tokenizer")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 

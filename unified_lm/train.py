@@ -37,7 +37,7 @@ import torch.distributed as dist
 from vqtok.checkpoint import atomic_write_text
 from vqtok.distributed import free_port
 
-from .checkpoint import write_model_files
+from .checkpoint import untrained_model, write_model_files
 from .config import UnifiedConfig
 from .model import ModelOutput, OutputHead, UnifiedTransformer
 from .packing import PackedDataset, batch_indices
@@ -179,14 +179,14 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         self.ds_config = resolve_deepspeed_config(deepspeed_config, config, self.world_size, on_cuda)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
-        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         if self.zero_stage == 3:  # build partitioned: a model too large for one device never exists whole
+            torch.manual_seed(config.train.seed)  # identical initial weights on every rank
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
                 model = UnifiedTransformer(config.model)
             if config.model.tied_embeddings:  # the output head uses the embedding outside the embedding's forward
                 deepspeed.zero.register_external_parameter(model.lm_head, model.embed.weight)
         else:
-            model = UnifiedTransformer(config.model)
+            model = untrained_model(config)  # seeded: identical initial weights on every rank
         self.flops_per_token = model.flops_per_token(dataset.seq_len)
         self.num_parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         train = config.train

@@ -27,7 +27,7 @@ Caption grammar (`describe`; all lowercase except the written word, so it cannot
 
 Document kinds (each a list of segments, {"text": ...} or {"image": relative path})
     text_to_image  [caption, image]                 train_on "image"
-    image_to_text  [image, caption]                 train_on "text"
+    image_to_text  [image, "Caption: " caption]     train_on "text"
     qa             [image, "Question: ... Answer: ..."]   train_on "text"
     story          ["Step 1: " caption, image, "Step 2: " change, image, ...] 2-4 frames in which one
                    object moves, changes colour or appears between frames; train_on "all"
@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-FORMAT = "unified-lm-world/1"
+FORMAT = "unified-lm-world/2"  # 2: image_to_text texts start with CAPTION_PREFIX
 
 # A diamond is a rotated square and blurs into a circle at 10 pixels; a plus-shaped cross stays distinct.
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -74,6 +74,9 @@ CELL_PHRASES = {
 }
 WORDS = ("HI", "OK", "GO", "UP", "NO", "YES")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+# After a picture, a caption and a question would otherwise both be likely continuations: the prefix says which
+# one is asked for (`unified-lm eval` prompts with the picture and "Caption:").
+CAPTION_PREFIX = "Caption: "
 KINDS = ("text_to_image", "image_to_text", "qa", "story")
 TRAIN_ON = {"text_to_image": "image", "image_to_text": "text", "qa": "text", "story": "all"}
 DEFAULT_KINDS_MIX = {"text_to_image": 0.3, "image_to_text": 0.3, "qa": 0.25, "story": 0.15}
@@ -361,7 +364,10 @@ def _sample_unit(kind: str, rng: np.random.Generator) -> tuple[list[Scene], list
     """The scenes (frames) of one document and its texts: for a story, one text per frame."""
     if kind != "story":
         scene = sample_scene(rng)
-        text = _question(scene, rng) if kind == "qa" else describe(scene)
+        if kind == "qa":
+            text = _question(scene, rng)
+        else:
+            text = (CAPTION_PREFIX if kind == "image_to_text" else "") + describe(scene)
         return [scene], [text]
     frames = [sample_scene(rng, max_objects=3)]  # room for an object to appear
     texts = [f"Step 1: {describe(frames[0])}"]

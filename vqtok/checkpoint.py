@@ -139,6 +139,15 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return model.to(device).eval(), meta
 
 
+def untrained_tokenizer(config: VQConfig):
+    """The weights `vqtok train` starts from (torch seeded with train.seed, then the model built): the
+    before-training baseline of an evaluation, in eval mode on the CPU."""
+    from .model import VQModel
+
+    torch.manual_seed(config.train.seed)
+    return VQModel(config)
+
+
 def load_weights(model: torch.nn.Module, file: Path) -> None:
     state = load_file(file)
     expected = model.state_dict()

@@ -1,6 +1,6 @@
 """The `vqtok` command: train, encode, decode, eval.
 
-    vqtok train  --config small [--data DIR] [--steps N] --out RUN
+    vqtok train  --config small [--data DIR[@RES] ...] [--steps N] --out RUN
     vqtok encode IMAGES --ckpt RUN --out TOKENS
     vqtok decode TOKENS --ckpt RUN --out DIR
     vqtok eval   --ckpt RUN [--data DIR]
@@ -23,7 +23,7 @@ log = logging.getLogger("vqtok")
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .data import resolve_image_paths
+    from .data import check_crop_fits, resolve_image_paths, resolve_sources
     from .distributed import setup_distributed
     from .losses import build_lpips
     from .train import Trainer
@@ -38,8 +38,12 @@ def cmd_train(args) -> int:
     if args.lpips_weights:
         overrides["loss.lpips_weights"] = args.lpips_weights
     config = config.with_overrides(overrides).validate() if overrides else config
-    train_paths = resolve_image_paths(args.data, "train")
-    sample_paths = resolve_image_paths(args.eval_data, "heldout") if args.eval_data or args.data is None else train_paths[:6]
+    sources = resolve_sources(args.data, "train")
+    check_crop_fits(sources, config.train.crop_size)  # before any process group or model is built
+    if args.eval_data or args.data is None:
+        sample_paths = resolve_image_paths(args.eval_data, "heldout")
+    else:  # the first images of each source in turn (one source: its first 6, as before)
+        sample_paths = [s.paths[i] for i in range(6) for s in sources if i < len(s.paths)][:6]
     context = setup_distributed(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +56,7 @@ def cmd_train(args) -> int:
         for stale in ("latest", "log.jsonl", "replicas.json"):
             (out / stale).unlink(missing_ok=True)
     context.barrier()
-    trainer = Trainer(config, out, train_paths, sample_paths, context, lpips_model)
+    trainer = Trainer(config, out, sources, sample_paths, context, lpips_model)
     if trainer.resume():
         log.info("resuming at step %d of %d", trainer.step, config.train.steps)
     if trainer.step >= config.train.steps:
@@ -111,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a tokenizer")
     train.add_argument("--config", default="small", help="preset (chameleon, small, tiny) or JSON file")
-    train.add_argument("--data", help="image folder (recursive); default: the embedded photo set")
+    train.add_argument("--data", action="append", metavar="DIR[@RES]",
+                       help="image folder (recursive) or file; repeat for several sources, each getting an equal share "
+                            "of the samples; DIR@RES crops DIR's images after resizing their shorter side to exactly "
+                            "RES px (no scale jitter; RES >= train.crop_size), for images encoded at that size; "
+                            "default: the embedded photo set")
     train.add_argument("--eval-data", help="images for the periodic reconstruction grids")
     train.add_argument("--steps", type=int)
     train.add_argument("--batch-size", type=int, help="per-process batch size")

@@ -22,13 +22,20 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
-from .checkpoint import atomic_write_text, flatten_optimizer, load_weights, resolve_checkpoint, restore_optimizer, save_checkpoint
+from .checkpoint import (
+    atomic_write_text,
+    flatten_optimizer,
+    load_weights,
+    resolve_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+    untrained_tokenizer,
+)
 from .config import VQConfig
-from .data import CropDataset, StepBatchSampler, load_eval_images
+from .data import CropDataset, ImageSource, StepBatchSampler, load_eval_images
 from .distributed import DistributedContext
 from .images import save_grid
 from .metrics import RollingCodeUsage, psnr
-from .model import VQModel
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +50,14 @@ def learning_rate(config: VQConfig, step: int) -> float:
 
 
 class Trainer:
-    def __init__(self, config: VQConfig, run_dir: str | Path, train_paths: list[Path], sample_paths: list[Path],
+    def __init__(self, config: VQConfig, run_dir: str | Path, train_paths: list[Path] | list[ImageSource], sample_paths: list[Path],
                  context: DistributedContext = DistributedContext(), lpips_model: torch.nn.Module | None = None):
         self.config = config.validate()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.context = context
         self.device = context.device
-        torch.manual_seed(config.train.seed)
-        self.model = VQModel(config).to(self.device)
+        self.model = untrained_tokenizer(config).to(self.device)
         self.discriminator = self._build_discriminator()
         self.lpips = lpips_model.to(self.device) if lpips_model is not None else None
         self.optimizer = self._adamw(self.model.parameters(), config.train.lr)
@@ -97,7 +103,10 @@ class Trainer:
         train = self.config.train
         self._maybe_initialize_codebook()
         self._warn_if_revival_too_eager()
-        sampler = StepBatchSampler(len(self.dataset), train.batch_size * self.context.world_size, total, train.seed,
+        if self.context.is_main:
+            log.info("training on %s", json.dumps(self.dataset.describe()))
+        # Per-source sizes: the sampler gives every source an equal share (see StepBatchSampler).
+        sampler = StepBatchSampler(self.dataset.source_sizes, train.batch_size * self.context.world_size, total, train.seed,
                                    start_step=self.step, rank=self.context.rank, world_size=self.context.world_size)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=train.num_workers,
                                              persistent_workers=False)
@@ -194,7 +203,7 @@ class Trainer:
         tokens_per_crop = (crop // self.config.model.downsample_factor) ** 2
         count = max(self.config.train.batch_size, math.ceil(self.config.quantizer.codebook_size / tokens_per_crop / self.context.world_size))
         seeds = np.random.SeedSequence([self.config.train.seed, 1_000_003, self.context.rank]).generate_state(count)
-        items = [(int(i % len(self.dataset)), int(s)) for i, s in enumerate(seeds)]
+        items = [(self.dataset.interleaved_index(i), int(s)) for i, s in enumerate(seeds)]  # every source, balanced
         self.model.train()
         latents = []
         for start in range(0, count, 32):
@@ -250,7 +259,8 @@ class Trainer:
             tensors.update({f"discriminator.{k}": v.detach().cpu().contiguous() for k, v in self.discriminator.state_dict().items()})
             meta["disc_optimizer"] = disc_description
         path = save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.config, tensors, meta,
-                               {"train_usage": self.usage.statistics()}, keep=self.config.train.keep_checkpoints)
+                               {"train_usage": self.usage.statistics(), "train_data": self.dataset.describe()},
+                               keep=self.config.train.keep_checkpoints)
         self.context.barrier()
         return path
 

@@ -1,0 +1,136 @@
+"""unified-lm eval: the scoring of generated text, the baselines, perplexity, and the reduced loop end to end."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unified_lm.config import ModelConfig
+from unified_lm.evaluate import (
+    EvalSettings,
+    Evaluator,
+    first_sentence,
+    question_type,
+    score_caption,
+)
+from unified_lm.model import UnifiedTransformer
+from unified_lm.vocab import build_vocabulary
+from unified_lm.world import CAPTION_PREFIX, describe, sample_scene
+from unified_lm.world_check import derangement
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scenes(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng) for _ in range(count)]
+
+
+def test_score_caption_is_exact_on_true_captions_and_low_on_shuffled_ones():
+    truth = scenes(200)
+    for scene in truth:
+        scores = score_caption(CAPTION_PREFIX + describe(scene), scene)
+        assert all(scores[key] == 1.0 for key in ("position", "colour", "shape", "size", "colour_shape", "count", "exact"))
+        assert scores["extra_objects"] == 0.0 and scores.get("word", 1.0) == 1.0
+    shift = derangement(len(truth), seed=3)
+    shuffled = [score_caption(describe(truth[j]), scene) for scene, j in zip(truth, shift)]
+    assert np.mean([s["colour_shape"] for s in shuffled]) < 0.1
+    assert np.mean([s["exact"] for s in shuffled]) < 0.02
+
+
+def test_score_caption_gives_partial_credit_attribute_by_attribute():
+    scene = scenes(50, seed=1)[0]
+    first = scene.objects[0]
+    other_colour = next(c for c in ("red", "green", "blue") if c != first.colour)
+    wrong = describe(scene).replace(f"{first.size} {first.colour} {first.shape}", f"{first.size} {other_colour} {first.shape}", 1)
+    scores = score_caption(wrong, scene)
+    assert scores["position"] == 1.0 and scores["shape"] == 1.0
+    assert scores["colour"] == pytest.approx(1 - 1 / len(scene.objects))
+    assert scores["exact"] == 0.0
+    assert score_caption("nothing useful here", scene)["position"] == 0.0
+
+
+def test_derangement_has_no_fixed_point_and_is_a_permutation():
+    for count in (2, 3, 10, 101):
+        shift = derangement(count, seed=count)
+        assert sorted(shift) == list(range(count)) and all(i != j for i, j in enumerate(shift))
+    assert derangement(10, 0) == derangement(10, 0)
+    with pytest.raises(ValueError):
+        derangement(1, 0)
+
+
+def test_question_types_and_answers():
+    assert question_type("Question: how many shapes are there? Answer:") == "total"
+    assert question_type("Question: how many red circles are there? Answer:") == "count"
+    assert question_type("Question: what colour is the shape at the top? Answer:") == "colour"
+    assert question_type("Question: what is in the center? Answer:") == "what"
+    assert question_type("Question: what word is written in the picture? Answer:") == "word"
+    assert first_sentence(" a small red circle. Question: how") == "a small red circle"
+    assert first_sentence("two") == "two"
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    texts = ["the quick brown fox jumps over the lazy dog"] * 50 + [describe(s) for s in scenes(100)]
+    vocab = build_vocabulary(tmp_path_factory.mktemp("vocab"), texts, 400, 16)
+    torch.manual_seed(0)
+    model = UnifiedTransformer(ModelConfig(vocab_size=vocab.size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                           max_seq_len=64)).eval()
+    return model, vocab
+
+
+def test_text_perplexity_matches_the_models_own_loss(text_model):
+    model, vocab = text_model
+    texts = ["the lazy dog jumps over the quick brown fox", "a red circle at the top left"]
+    evaluator = Evaluator.__new__(Evaluator)  # perplexity needs no tokenizer or sampler
+    evaluator.model, evaluator.vocab, evaluator.settings = model, vocab, EvalSettings(text_context=8)
+    result = evaluator.text_perplexity(texts).metrics
+    nats, pieces = 0.0, 0
+    for text in texts:  # the same windows computed through the model's training loss
+        ids = [vocab.special.bos] + vocab.encode_text(text) + [vocab.special.eos]
+        for start in range(0, len(ids) - 1, 8):
+            chunk = torch.tensor(ids[start : start + 9])[None]
+            with torch.no_grad():
+                output = model(chunk[:, :-1], targets=chunk[:, 1:])
+            count = chunk.shape[1] - 1
+            nats += float(output.loss - output.z_loss) * count
+            pieces += count
+    assert result["pieces"] == pieces
+    assert result["perplexity"] == pytest.approx(math.exp(nats / pieces), rel=1e-4)
+    assert result["bits_per_character"] == pytest.approx(nats / math.log(2) / sum(map(len, texts)), rel=1e-4)
+    # an untrained model is near uniform over the whole vocabulary
+    assert 0.5 * vocab.size < result["perplexity"] < 2 * vocab.size
+
+
+def test_reduced_loop_end_to_end_writes_the_report(tmp_path):
+    """The README's main command at the `ci` preset: every stage runs (2-process DeepSpeed training included),
+    the report holds every task with its baselines, and a re-run reuses every stage."""
+    out = tmp_path / "quickstart"
+    command = [sys.executable, str(REPO / "scripts" / "quickstart.py"), "--preset", "ci", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    results = report["results"]
+    for task in ("text_to_image", "image_to_text", "qa", "interleaved"):
+        assert set(results[task]) == {"trained", "before_training", "chance"}, task
+        key = "accuracy" if task == "qa" else "colour_shape"
+        assert all(0.0 <= results[task][column][key] <= 1.0 for column in results[task])
+    assert results["text"]["trained"]["perplexity"] > 1 and results["text"]["chance"]["perplexity"] > 1
+    assert results["tokenizer_photos"]["trained"]["psnr"] > 0 and "checker" in results["tokenizer_world"]["trained"]
+    page = (out / "eval" / "index.html").read_text()
+    for needle in ("What the model learned", "before training", "Training curves", "(held-out captions)",
+                   "held-out photos", "data:image/png;base64", "sampled image documents"):
+        assert needle in page, needle
+    assert (out / "eval" / "report.png").stat().st_size > 1000
+    assert len(list((out / "eval" / "pictures").glob("text_to_image-*.png"))) == 4
+    assert "THE REPORT" in result.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("== lm:", "== eval:", "== sample image:", "== vocab:", "== prepare:"):
+        assert stage not in again.stdout, f"{stage} ran again on a finished quickstart"
