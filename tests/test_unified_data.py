@@ -104,7 +104,7 @@ def test_packed_dataset_reads_back_what_prepare_wrote(lm_data, tmp_path):
     dataset = PackedDataset(lm_data.packed)
     vocab = dataset.vocab
     rows = [dataset[i] for i in range(len(dataset))]
-    assert len(rows) == dataset.info["rows"] == 62 and dataset.seq_len == 64
+    assert len(rows) == dataset.info["rows"] == 63 and dataset.seq_len == 64
     # every train-split document appears, bracketed by <bos> ... <eos>, in packing order
     documents = list(read_documents(lm_data.documents, split="train"))
     bos = sum(int((r.tokens == vocab.special.bos).sum()) for r in rows)

@@ -82,6 +82,8 @@ def _value(results: dict, task: str, metric: str, column: str):
 def _format(value, metric: str) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return ""
+    if metric == "ssim":
+        return f"{value:.3f}"
     if metric in ("psnr", "perplexity", "bits_per_character"):
         return f"{value:.2f}" if metric != "perplexity" else f"{value:,.1f}"
     return f"{100 * value:.1f}%"
@@ -193,8 +195,9 @@ def summary_picture(eval_dir: Path, report: dict, loss_curve: Path | None) -> Pa
             continue
         before = _value(report["results"], task, metric, "before_training")
         chance = _value(report["results"], task, metric, "chance")
+        ceiling = _value(report["results"], task, metric, "ceiling")
         lines.append(f"{label}: {_format(trained, metric)}   (before training {_format(before, metric) or '-'}, "
-                     f"chance {_format(chance, metric) or '-'})")
+                     f"chance {_format(chance, metric) or '-'}" + (f", ceiling {_format(ceiling, metric)})" if ceiling is not None else ")"))
     text_height = 14 * len(lines) + 2 * pad
     curve = Image.open(loss_curve).convert("RGB") if loss_curve else None
     height = text_height + (curve.height + pad if curve else 0) + (tile + 3 * pad if examples else 0)
