@@ -38,6 +38,7 @@ from vqtok.checkpoint import atomic_write_text
 from vqtok.images import atomic_save_png, load_rgb, preprocess, to_tensor, to_uint8
 
 from .checkpoint import untrained_model
+from .prompts import encode_pictures
 from .render import decode_pictures
 from .sampler import Prompt, Sampler
 from .sampling import SamplingConfig
@@ -169,21 +170,13 @@ class Evaluator:
     def __init__(self, model, vocab, tokenizer, grid: tuple[int, int], settings: EvalSettings):
         self.model, self.vocab, self.tokenizer, self.grid, self.settings = model, vocab, tokenizer, grid, settings
         self.sampler = Sampler(model, vocab, grid)
-        self.factor = tokenizer.downsample_factor
         self._codes: dict[Path, np.ndarray] = {}
 
     # -- pictures in and out --------------------------------------------------------------------------------------
     def encode(self, paths: list[Path]) -> list[np.ndarray]:
         """World pictures -> (h, w) codes at the model's grid (cached: the same picture serves several tasks)."""
         todo = [p for p in dict.fromkeys(paths) if p not in self._codes]
-        resolution = self.grid[0] * self.factor
-        device = next(self.tokenizer.parameters()).device
-        for start in range(0, len(todo), 32):
-            chunk = todo[start : start + 32]
-            pixels = torch.stack([to_tensor(preprocess(load_rgb(p), resolution)) for p in chunk]).to(device)
-            with torch.no_grad():
-                for path, codes in zip(chunk, self.tokenizer.encode(pixels).cpu().numpy()):
-                    self._codes[path] = codes
+        self._codes.update(encode_pictures(todo, self.tokenizer, self.grid))
         return [self._codes[p] for p in paths]
 
     def _config(self, mode: str, max_new_tokens: int) -> SamplingConfig:
@@ -273,8 +266,9 @@ class Evaluator:
         metrics["first_step_colour_shape"] = float(np.mean([s["colour_shape"] for s, f in zip(scores, flat) if f[2] == 0]))
         later = [s["colour_shape"] for s, f in zip(scores, flat) if f[2] > 0]
         metrics["later_steps_colour_shape"] = float(np.mean(later)) if later else math.nan
-        items = [{"steps": [{"text": text, "picture": picture, "scores": score_picture(read_picture(picture), scene)}
-                            for (text, _, _), (picture, scene) in zip(story, frames)]}
+        per_step = iter(scores)  # flat is story by story, step by step
+        items = [{"steps": [{"text": text, "picture": picture, "scores": next(per_step)}
+                            for (text, _, _), (picture, _) in zip(story, frames)]}
                  for story, frames in zip(stories, drawn)]
         return (TaskResult(metrics, items[: max(1, self.settings.examples // 3)]),
                 TaskResult(shuffled_scores(readings, [scene for _, scene, _ in flat], self.settings.seed)))

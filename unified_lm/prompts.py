@@ -47,9 +47,10 @@ def read_prompt_file(path: str | os.PathLike) -> list[tuple[PromptSpec, int | No
     return specs
 
 
-def encode_pictures(paths: list[Path], tokenizer, grid: tuple[int, int] | None) -> dict[Path, np.ndarray]:
+def encode_pictures(paths: list[Path], tokenizer, grid: tuple[int, int] | None,
+                    batch_size: int = 32) -> dict[Path, np.ndarray]:
     """Picture files -> (h, w) codes, encoded at grid * downsample factor (the tokenizer's resolution when the
-    grid is unknown). Missing or unreadable files raise errors naming them."""
+    grid is unknown), `batch_size` at a time. Missing or unreadable files raise errors naming them."""
     from vqtok.images import load_rgb, preprocess, to_tensor
 
     if not paths:
@@ -61,13 +62,16 @@ def encode_pictures(paths: list[Path], tokenizer, grid: tuple[int, int] | None) 
         raise ValueError(f"prompt pictures are encoded square; the model's grid {grid[0]}x{grid[1]} is not")
     resolution = grid[0] * factor if grid is not None else tokenizer.config.model.resolution
     device = next(tokenizer.parameters()).device
-    codes = {}
-    for path in dict.fromkeys(paths):
+    unique = list(dict.fromkeys(paths))
+    for path in unique:
         if not Path(path).is_file():
             raise FileNotFoundError(f"prompt picture not found: {path}")
-        pixels = to_tensor(preprocess(load_rgb(path), resolution))[None].to(device)
+    codes = {}
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start : start + batch_size]
+        pixels = torch.stack([to_tensor(preprocess(load_rgb(p), resolution)) for p in chunk]).to(device)
         with torch.no_grad():
-            codes[path] = tokenizer.encode(pixels)[0].cpu().numpy()
+            codes.update(zip(chunk, tokenizer.encode(pixels).cpu().numpy()))
     return codes
 
 
