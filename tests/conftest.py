@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on before any
+# @triton.jit function is defined (the kernel modules are imported by the imports below).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vqtok.distributed import free_port  # noqa: F401  (re-exported for the tests)
 

@@ -223,7 +223,7 @@ class Block(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """Projection to the vocabulary; with targets it returns per-token (ce, log_z) from the fused-loss dispatch point.
+    """Projection to the vocabulary; with targets it returns the loss from the fused-loss dispatch point.
 
     A module of its own (rather than a bare matmul with a weight) so that ZeRO-3 gathers the weight around it.
     Tied embeddings reuse the embedding matrix (ZeRO-3 then needs it registered as an external parameter).
@@ -238,11 +238,13 @@ class OutputHead(nn.Module):
     def matrix(self) -> torch.Tensor:
         return self.weight if self.weight is not None else self._tied_to[0].weight
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
-        """x: (N, dim). Without targets: logits (N, V) fp32; with targets (N,): (ce, log_z), each (N,) fp32."""
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, token_weights: torch.Tensor | None = None,
+                z_loss_weight: float = 0.0):
+        """x: (N, dim). Without targets: logits (N, V) fp32. With targets (N,) and token_weights (N,): the fused
+        loss sum_i w_i * (ce_i + z_loss_weight * log_z_i^2) and detached per-token ce, log_z, each (N,) fp32."""
         if targets is None:
             return F.linear(x, self.matrix).float()
-        return linear_cross_entropy(x, self.matrix, targets)
+        return linear_cross_entropy(x, self.matrix, targets, token_weights, z_loss_weight)
 
 
 class UnifiedTransformer(nn.Module):
@@ -321,16 +323,20 @@ class UnifiedTransformer(nn.Module):
         return self._loss(x, targets, loss_mask, image_targets, loss_denominator, layer_stats)
 
     def _loss(self, x, targets, loss_mask, image_targets, loss_denominator, layer_stats) -> ModelOutput:
-        ce, log_z = self.lm_head(x.reshape(-1, x.shape[-1]), targets.reshape(-1))
-        mask = torch.ones_like(ce) if loss_mask is None else loss_mask.reshape(-1).to(ce.dtype)
-        z_term = self.config.z_loss_weight * log_z.pow(2)
+        flat_targets = targets.reshape(-1)
+        mask = (torch.ones(flat_targets.shape, device=x.device) if loss_mask is None
+                else loss_mask.reshape(-1).float())
         count = mask.sum().clamp(min=1.0)
-        loss_sum = ((ce + z_term) * mask).sum()
-        loss = loss_sum / (count if loss_denominator is None else loss_denominator)
+        token_weights = mask / (count if loss_denominator is None else loss_denominator)
+        # The loss (with its gradients) comes from the fused head; ce and log Z come back detached for the stats.
+        loss, ce, log_z = self.lm_head(x.reshape(-1, x.shape[-1]), flat_targets, token_weights,
+                                       self.config.z_loss_weight)
         with torch.no_grad():
+            z_term = self.config.z_loss_weight * log_z.pow(2)
+            loss_sum = ((ce + z_term) * mask).sum()
             image = torch.zeros_like(mask) if image_targets is None else image_targets.reshape(-1).to(mask.dtype)
             image_mask, text_mask = mask * image, mask * (1 - image)
-            sums = torch.stack([loss_sum.detach(), (ce * text_mask).sum(), (ce * image_mask).sum(),
+            sums = torch.stack([loss_sum, (ce * text_mask).sum(), (ce * image_mask).sum(),
                                 (z_term * mask).sum(), (log_z * mask).sum()])
             text_count, image_count = text_mask.sum(), image_mask.sum()
             return ModelOutput(
