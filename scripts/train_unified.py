@@ -43,6 +43,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def fill_picture_encoder(config: UnifiedConfig) -> None:
+    """The continuous path's architecture: the image encoder of train.encoder_run, else the picture section of
+    train.init_from's config (a stage-1 run), so the model can be rebuilt from its checkpoint alone."""
+    picture = config.model.picture
+    if config.train.encoder_run:
+        from dataclasses import asdict
+
+        from unified_lm.vision import read_encoder_config, resolve_encoder
+
+        vision = asdict(read_encoder_config(resolve_encoder(config.train.encoder_run)).vision)
+        if picture.encoder and picture.encoder != vision:
+            raise ValueError(f"model.picture.encoder {picture.encoder} differs from train.encoder_run's {vision}")
+        picture.encoder = vision
+    elif config.train.init_from and not picture.encoder:
+        from unified_lm.checkpoint import resolve_run
+
+        source = resolve_run(config.train.init_from) / "config.json"
+        initial = UnifiedConfig.from_dict(json.loads(source.read_text())).model.picture
+        if initial.encoder:
+            config.model.picture = initial
+
+
 def build_config(args: argparse.Namespace, dataset: PackedDataset, out: Path) -> UnifiedConfig:
     overrides = parse_overrides(args.set)
     if args.steps is not None:
@@ -53,6 +75,7 @@ def build_config(args: argparse.Namespace, dataset: PackedDataset, out: Path) ->
         raise ValueError(f"model.vocab_size {config.model.vocab_size} does not match the dataset's vocabulary "
                          f"({vocab_size} ids: {dataset.vocab.text_size} text + 6 special + {dataset.vocab.codebook_size} image)")
     config.model.vocab_size = vocab_size
+    fill_picture_encoder(config)
     if config.train.seq_len != dataset.seq_len:
         print(f"[train] train.seq_len {config.train.seq_len} -> {dataset.seq_len} (the dataset's rows)", flush=True)
         config.train.seq_len = dataset.seq_len
@@ -110,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             (out / "config.json").write_text(config.to_json())
             dataset.vocab.save(out / "vocab")
-            print(f"[train] {trainer.num_parameters / 1e6:.2f}M parameters, vocabulary {dataset.vocab.size}, "
+            print(f"[train] {trainer.num_parameters / 1e6:.2f}M parameters "
+                  f"({trainer.trainable_parameters / 1e6:.2f}M trainable), vocabulary {dataset.vocab.size}, "
                   f"{len(dataset)} rows of {dataset.seq_len} tokens, world size {trainer.world_size}, "
                   f"ZeRO stage {trainer.zero_stage}, {trainer.tokens_per_step} tokens/step", flush=True)
         if trainer.step >= config.train.steps:

@@ -14,7 +14,13 @@
     sampler.py      KV-cached interleaved generation under the text/picture state machine, with CFG
     prompts.py      prompt files and prompt pictures (encoded by vqtok) for `unified-lm sample`
     render.py       sampled documents -> PNG, Markdown, self-contained HTML, JSON
-    cli.py          `unified-lm vocab | world | prepare | sample`; training is `deepspeed scripts/train_unified.py`
+    vision.py       the contrastive image encoder: ViT picture tower + text tower (encoder_train.py trains it with
+                    contrastive.py's SigLIP / InfoNCE losses and measures zero-shot accuracy)
+    adapter.py      the continuous path inside the model: image encoder -> pooling -> MLP into <image> placeholders
+    pictures.py     pixels beside the packed rows for the continuous path (`prepare --encoder`)
+    understanding.py  `unified-lm understand`: questions and captions through discrete codes vs continuous features
+    cli.py          `unified-lm vocab | world | prepare | sample | eval | encoder | understand`; training is
+                    `deepspeed scripts/train_unified.py` (staged: train.init_from, encoder_run, freeze_lm)
 
 It reads vqtok's token stores and checkpoints; vqtok never imports this package.
 """

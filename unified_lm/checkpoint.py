@@ -58,9 +58,46 @@ def parse_grid(text: str) -> tuple[int, int]:
 
 def untrained_model(config: UnifiedConfig) -> UnifiedTransformer:
     """The weights training starts from (torch seeded with train.seed, then the model built, as the trainer does
-    for ZeRO stages 0-2): the before-training baseline of `unified-lm eval`."""
+    for ZeRO stages 0-2): the before-training baseline of `unified-lm eval`. With train.encoder_run /
+    train.init_from, those weights are loaded over the fresh ones (see `load_initial_weights`)."""
     torch.manual_seed(config.train.seed)
-    return UnifiedTransformer(config.model)
+    model = UnifiedTransformer(config.model)
+    load_initial_weights(model, config)
+    return model
+
+
+PICTURE_PREFIX = "picture_adapter."
+
+
+def load_initial_weights(model: UnifiedTransformer, config: UnifiedConfig) -> None:
+    """Staged training's starting point: the image encoder of train.encoder_run (an `unified-lm encoder train`
+    run), then every weight of train.init_from (a unified_lm run or checkpoint: the language model, which must
+    match this config's, and its picture adapter and encoder when it has them). Names and shapes are checked."""
+    from safetensors.torch import load_file
+
+    train = config.train
+    if train.encoder_run:
+        if model.picture_adapter is None:
+            raise ValueError("train.encoder_run is set but model.picture.encoder is empty")
+        from .vision import load_encoder
+
+        encoder, _ = load_encoder(train.encoder_run)
+        model.picture_adapter.encoder.load_state_dict(encoder.vision.state_dict())
+    if train.init_from:
+        file = resolve_run(train.init_from) / "model.safetensors"
+        state = load_file(file)
+        expected = model.state_dict()
+        language = {name for name in expected if not name.startswith(PICTURE_PREFIX)}
+        missing = sorted(language - set(state))
+        unexpected = sorted(name for name in state if name not in expected)
+        if missing or unexpected:
+            raise ValueError(f"train.init_from {file}: weights do not match this model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}); the model sections must agree")
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(f"train.init_from {file}: tensor {name} has shape {tuple(tensor.shape)}, this "
+                                 f"model expects {tuple(expected[name].shape)}")
+        model.load_state_dict(state, strict=False)
 
 
 def write_model_files(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: UnifiedConfig,

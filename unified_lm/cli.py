@@ -4,10 +4,17 @@
     unified-lm world   --out DIR [--scenes 2000] [--seed 0] [--image-size 64]
     unified-lm prepare DOCS.jsonl [...] --vocab VOCAB --out PACKED [--tokens STORE ...] [--tokenizer VQRUN]
                        [--seq-len 512] [--train-on all|text|image] [--split train] [--text-documents N]
+                       [--kinds image_to_text,qa] [--encoder ENCRUN [--pool 1]]   (--encoder: continuous pictures)
     unified-lm sample  --ckpt RUN --tokenizer VQRUN --prompt TEXT [--image PATH ...] [--prompts FILE.jsonl]
                        --mode interleaved|text|image|understanding --out DIR [--cfg none|2way|3way] [--num-samples N]
     unified-lm eval    --ckpt RUN --tokenizer VQRUN --world DIR --out EVAL [--photos DIR] [--count 48]
                        -> EVAL/eval.json, EVAL/index.html (the report), EVAL/report.png
+    unified-lm encoder train --world DIR --vocab VOCAB --out RUN [--preset small] [--loss siglip|infonce]
+                       [--steps N] [--set KEY=VALUE ...] [--pairs FILE.jsonl] [--resume | --restart]
+                       -> RUN/latest, RUN/log.jsonl, RUN/zero_shot.json (the contrastive image encoder)
+    unified-lm encoder eval --encoder RUN --world DIR [--split heldout]   zero-shot accuracies, one JSON line
+    unified-lm understand --discrete NAME=RUN --continuous NAME=RUN [...] --world DIR --tokenizer VQRUN --out DIR
+                       -> DIR/understanding.json, DIR/understanding.md (questions and captions, both picture paths)
 
 Training is `deepspeed scripts/train_unified.py` (see its --help).
 Exit status: 0 success, 2 bad arguments, configuration or input (the message names the file or field).
@@ -64,9 +71,20 @@ def cmd_world(args) -> int:
 def cmd_prepare(args) -> int:
     from .prepare import PrepareSettings, prepare
 
+    picture_size, placeholders = None, 0
+    if args.encoder:  # the continuous path: pictures as pixels at the encoder's size, one placeholder per feature
+        from .vision import read_encoder_config, resolve_encoder
+
+        vision = read_encoder_config(resolve_encoder(args.encoder)).vision
+        grid = vision.image_size // vision.patch_size
+        if args.pool < 1 or grid % args.pool:
+            raise ValueError(f"--pool {args.pool} must divide the encoder's {grid}x{grid} patch grid")
+        picture_size, placeholders = vision.image_size, (grid // args.pool) ** 2
+    kinds = tuple(k for k in (args.kinds or "").split(",") if k)
     settings = PrepareSettings(seq_len=args.seq_len, default_train_on=args.train_on, split=args.split, seed=args.seed,
                                rows_per_shard=args.rows_per_shard, text_corpus=args.text_corpus,
-                               text_documents=args.text_documents, image_resolution=args.image_resolution)
+                               text_documents=args.text_documents, image_resolution=args.image_resolution,
+                               kinds=kinds, picture_size=picture_size, placeholders=placeholders)
     info = prepare(args.documents, args.vocab, args.out, settings, stores=args.tokens or [],
                    tokenizer=args.tokenizer, device=args.device)
     keys = ("rows", "seq_len", "documents", "documents_by_train_on", "tokens", "target_tokens", "image_target_tokens",
@@ -121,15 +139,21 @@ def cmd_sample(args) -> int:
 
         tokenizer, meta = load_tokenizer(args.tokenizer, args.device)
         loaded.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {args.tokenizer}")
-    elif config.mode in ("interleaved", "image") or args.image:
+    elif config.mode in ("interleaved", "image") or (args.image and args.pictures == "discrete"):
         raise ValueError(f"mode {config.mode!r} needs the vqtok tokenizer the checkpoint's vocabulary was built for "
                          "(--tokenizer VQRUN) to turn pictures into codes and back")
+    continuous_size = None
+    if args.pictures == "continuous":
+        if loaded.model.picture_adapter is None:
+            raise ValueError(f"--pictures continuous: {loaded.directory} has no picture encoder (train one with "
+                             "train.encoder_run)")
+        continuous_size = loaded.model.picture_adapter.vision_config.image_size
     pictures = [Path(p).resolve() for p in args.image or []]
     specs = [(pictures + [text], None) for text in args.prompt or []]
     if args.prompts:
         specs += read_prompt_file(args.prompts)
     specs = [(spec, None if seed is None else seed + copy) for spec, seed in specs for copy in range(args.num_samples)]
-    prompts = build_prompts(specs, tokenizer, grid)
+    prompts = build_prompts(specs, tokenizer, grid, continuous_size)
     for number, prompt in enumerate(prompts):  # without its own seed, each copy draws from seed + its index
         prompt.seed = config.seed + number if prompt.seed is None else prompt.seed
     sampler = Sampler(loaded.model, loaded.vocab, grid, compile=args.compile)
@@ -197,6 +221,88 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_encoder_train(args) -> int:
+    import shutil
+    import time
+    from pathlib import Path
+
+    from vqtok.typed_config import load_preset_or_file, parse_overrides
+
+    from .encoder_train import EncoderTrainer
+    from .vision import PRESETS, EncoderConfig
+
+    overrides = parse_overrides(args.set or [])
+    if args.loss:
+        overrides["loss"] = args.loss
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+    config = load_preset_or_file(args.preset, PRESETS, EncoderConfig.from_dict, "--preset")
+    config = config.with_overrides(overrides).validate()
+    out = Path(args.out)
+    if (out / "latest").is_file() and not (args.resume or args.restart):
+        raise ValueError(f"{out} already holds an encoder checkpoint; pass --resume to continue or --restart to "
+                         "start over")
+    trainer = EncoderTrainer(config, args.world, args.vocab, out, args.pairs, args.device,
+                             progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.restart:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for stale in ("latest", "log.jsonl", "zero_shot.json"):
+            (out / stale).unlink(missing_ok=True)
+    if args.resume and trainer.resume():
+        print(f"resumed {out} at step {trainer.step}", file=sys.stderr, flush=True)
+    print(f"{trainer.num_parameters / 1e6:.2f}M parameters, {len(trainer.data)} captioned pictures, "
+          f"loss {trainer.config.loss}, {trainer.config.train.steps} steps of {trainer.config.train.batch_size}",
+          file=sys.stderr, flush=True)
+    if trainer.step >= trainer.config.train.steps:
+        print(json.dumps({"out": str(out), "step": trainer.step, "note": "already trained"}))
+        return 0
+    start = time.perf_counter()
+    try:
+        final = trainer.train()
+    except FloatingPointError as err:
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        return 3
+    print(json.dumps({"out": str(out), "step": trainer.step, "seconds": round(time.perf_counter() - start, 1),
+                      "final": final}))
+    return 0
+
+
+def cmd_encoder_eval(args) -> int:
+    from .encoder_train import zero_shot
+    from .vision import encoder_vocabulary, load_encoder, resolve_encoder
+
+    model, _ = load_encoder(args.encoder, args.device)
+    result = zero_shot(model, encoder_vocabulary(args.encoder), args.world, args.split, args.device)
+    print(json.dumps({"encoder": str(resolve_encoder(args.encoder)), **result}))
+    return 0
+
+
+def cmd_understand(args) -> int:
+    from .evaluate import EvalSettings
+    from .understanding import evaluate_understanding
+
+    models = []
+    for path in ("discrete", "continuous"):
+        for spec in getattr(args, path) or []:
+            name, _, run = spec.partition("=")
+            if not run:
+                raise ValueError(f"--{path} expects NAME=RUN, got {spec!r}")
+            models.append((name, run, path))
+    if not models:
+        raise ValueError("give at least one --discrete NAME=RUN or --continuous NAME=RUN")
+    tokenizer = None
+    if args.tokenizer:
+        from vqtok.checkpoint import load_tokenizer
+
+        tokenizer, _ = load_tokenizer(args.tokenizer, args.device)
+    settings = EvalSettings(count=args.count, text_documents=args.text_documents, text_corpus=args.text_corpus,
+                            batch_size=args.batch_size, seed=args.seed, baselines=False)
+    report = evaluate_understanding(models, args.world, args.out, settings, tokenizer, args.device,
+                                    log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps({"out": args.out, "qa": {n: m["qa"]["accuracy"] for n, m in report["models"].items()}}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unified-lm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seed", type=int, default=0, help="document order")
     prepare.add_argument("--rows-per-shard", type=int, default=8192)
     prepare.add_argument("--device", default="cpu", help="for --tokenizer encoding")
+    prepare.add_argument("--kinds", help="keep only documents of these kinds, comma-separated (world: text_to_image, "
+                         "image_to_text, qa, story)")
+    prepare.add_argument("--encoder", help="continuous path: store pictures as pixels for this image encoder run "
+                         "(`unified-lm encoder train`), each as <boi> <image> x features <eoi>; no tokenizer needed")
+    prepare.add_argument("--pool", type=int, default=1, help="with --encoder: the adapter's average pooling of the "
+                         "patch grid (model.picture.pool); sets the placeholders per picture")
     prepare.set_defaults(run=cmd_prepare)
 
     sample = commands.add_parser("sample", help="generate documents of text and pictures from a trained model",
@@ -271,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--stream", action="store_true", help="print text to stderr as it is generated")
     sample.add_argument("--compile", action="store_true", help="torch.compile the decode step (CPU: ~40 s to compile; "
                         "pays off for long runs). On CUDA the step is a CUDA graph either way")
+    sample.add_argument("--pictures", choices=("discrete", "continuous"), default="discrete",
+                        help="how prompt pictures enter the model: vqtok codes, or pixels through the model's image "
+                        "encoder and adapter (checkpoints trained with train.encoder_run)")
     sample.set_defaults(run=cmd_sample)
 
     evaluate = commands.add_parser("eval", help="measure what the model learned on the held-out world and text; "
@@ -296,6 +411,46 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the untrained model and tokenizer")
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=cmd_eval)
+
+    encoder = commands.add_parser("encoder", help="the contrastive image encoder (ViT + text tower, SigLIP/InfoNCE)")
+    encoder_commands = encoder.add_subparsers(dest="encoder_command", required=True)
+    encoder_train = encoder_commands.add_parser("train", help="train on the world's captioned pictures",
+                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    encoder_train.add_argument("--world", required=True, help="world directory (train split; held-out for zero-shot)")
+    encoder_train.add_argument("--vocab", required=True, help="vocabulary directory (the text tower's ids)")
+    encoder_train.add_argument("--out", required=True, help="run directory")
+    encoder_train.add_argument("--preset", default="small", help="tiny | small | base, or a JSON config file")
+    encoder_train.add_argument("--loss", choices=("siglip", "infonce"), help="default: the preset's (siglip)")
+    encoder_train.add_argument("--steps", type=int, help="train.steps")
+    encoder_train.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. "
+                               "train.lr=5e-4 or vision.width=256 (repeatable)")
+    encoder_train.add_argument("--pairs", help="extra JSONL {\"image\": PATH, \"text\": CAPTION} pairs")
+    encoder_train.add_argument("--resume", action="store_true", help="continue from RUN/latest exactly")
+    encoder_train.add_argument("--restart", action="store_true", help="delete RUN's checkpoints and log first")
+    encoder_train.add_argument("--device", help="default: cuda if available, else cpu")
+    encoder_train.set_defaults(run=cmd_encoder_train)
+    encoder_eval = encoder_commands.add_parser("eval", help="zero-shot classification and retrieval on the world")
+    encoder_eval.add_argument("--encoder", required=True, help="encoder run (follows latest) or checkpoint directory")
+    encoder_eval.add_argument("--world", required=True, help="world directory")
+    encoder_eval.add_argument("--split", choices=("heldout", "train"), default="heldout")
+    encoder_eval.add_argument("--device", default="cpu")
+    encoder_eval.set_defaults(run=cmd_encoder_eval)
+
+    understand = commands.add_parser("understand", help="picture understanding through discrete codes vs continuous "
+                                     "features, side by side on the held-out world")
+    understand.add_argument("--discrete", action="append", metavar="NAME=RUN", help="a model reading pictures as codes")
+    understand.add_argument("--continuous", action="append", metavar="NAME=RUN",
+                            help="a model reading pictures through its image encoder and adapter")
+    understand.add_argument("--world", required=True, help="world directory (held-out split)")
+    understand.add_argument("--tokenizer", help="vqtok run (needed for --discrete models)")
+    understand.add_argument("--out", required=True, help="directory for understanding.json and understanding.md")
+    understand.add_argument("--count", type=int, default=48, help="held-out questions and captions per model")
+    understand.add_argument("--text-documents", type=int, default=100, help="held-out English documents (0: skip)")
+    understand.add_argument("--text-corpus", default="default")
+    understand.add_argument("--batch-size", type=int, default=16)
+    understand.add_argument("--seed", type=int, default=0)
+    understand.add_argument("--device", default="cpu")
+    understand.set_defaults(run=cmd_understand)
     return parser
 
 

@@ -18,6 +18,16 @@ from vqtok.typed_config import apply_overrides, build_dataclass, load_preset_or_
 
 
 @dataclass
+class PictureConfig:
+    """The continuous encoder-adapter path (understanding): a ViT's patch features, average-pooled by `pool`,
+    through a 2-layer MLP (GELU) to the model width, replace the embeddings of `<image>` placeholders."""
+
+    encoder: dict = field(default_factory=dict)  # the image encoder's VisionConfig; {} = no continuous path
+    pool: int = 1  # average-pool the patch grid by this factor: pool^2 fewer placeholders per picture
+    adapter_hidden: int = 0  # the MLP's hidden width; 0 = the model width
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0 = take it from the vocabulary; otherwise it must equal the vocabulary's size
     dim: int = 256
@@ -34,6 +44,7 @@ class ModelConfig:
     tied_embeddings: bool = False
     init_std: float = 0.02
     z_loss_weight: float = 1e-5  # z_loss_weight * log(Z)^2 per token (Chameleon: 1e-5)
+    picture: PictureConfig = field(default_factory=PictureConfig)  # continuous path; filled from train.encoder_run
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +75,12 @@ class TrainConfig:
     stats_every: int = 50  # per-layer max |q.k| logit and output norms (costs an extra look at attention scores)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # Staged training (LLaVA): stage 1 trains the adapter only (freeze_lm), stage 2 the adapter and the model
+    # (the encoder frozen unless encoder_lr_scale > 0). Frozen parameters get no optimizer state.
+    init_from: str = ""  # a unified_lm run/checkpoint whose weights start this run (its picture path too, if any)
+    encoder_run: str = ""  # an `unified-lm encoder train` run: its image encoder starts the continuous path
+    freeze_lm: bool = False  # train only the picture adapter (stage 1)
+    encoder_lr_scale: float = 0.0  # the image encoder's lr = train.lr * this; 0 = frozen
 
 
 @dataclass
@@ -103,6 +120,10 @@ class UnifiedConfig:
             (0.0 < train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in (0, 1]"),
             (train.log_every > 0 and train.checkpoint_every > 0 and train.stats_every > 0, "train.log_every, stats_every and checkpoint_every must be positive"),
             (train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1 (the newest checkpoint is never deleted)"),
+            (model.picture.pool >= 1, f"model.picture.pool must be >= 1, got {model.picture.pool}"),
+            (train.encoder_lr_scale >= 0, "train.encoder_lr_scale must be >= 0 (0 = frozen encoder)"),
+            (not train.freeze_lm or bool(model.picture.encoder or train.encoder_run),
+             "train.freeze_lm trains the picture adapter only, but there is none (set train.encoder_run)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -11,7 +11,8 @@ One JSON object per line:
 `train_on` ("all" | "text" | "image", default from `unified-lm prepare --train-on`) picks which tokens are
 training targets: "image" trains text->image data on <boi>, the codes and <eoi> only; "text" trains image->text
 data on text pieces and <eos> only. A document becomes <bos> seg1 seg2 ... <eos>, each image as
-<boi> code ... code <eoi> in raster order. Extra keys (kind, split, ground truth) are kept out of the tokens.
+<boi> code ... code <eoi> in raster order, or, for the continuous encoder-adapter path, as <boi>, one <image>
+placeholder per adapter feature, <eoi>. Extra keys (kind, split, ground truth) are kept out of the tokens.
 """
 from __future__ import annotations
 
@@ -43,12 +44,15 @@ class Document:
     train_on: str
     where: str  # "file:line" for error messages
     split: str | None = None
+    kind: str | None = None  # the record's "kind" (world: text_to_image, image_to_text, qa, story), for filtering
 
 
 @dataclass
 class EncodedDocument:
     tokens: np.ndarray  # (n,) int64 ids: <bos> ... <eos>
     loss: np.ndarray  # (n,) bool: token is a training target
+    # continuous pictures only: (n,) int64 picture * placeholders + patch at each <image> placeholder, else -1
+    pictures: np.ndarray | None = None
 
 
 def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[str, object]]:
@@ -107,22 +111,36 @@ def _parse(record, where: str, base: Path, default_train_on: str) -> Document:
                 raise ValueError(f"{at}: 'image_ref' must be {{\"store\": DIR, \"source\": NAME}}")
             segments.append(ImageSegment(store=(base / ref["store"]).resolve(), source=ref["source"]))
         overrides.append(loss)
-    return Document(str(record.get("id", where)), segments, overrides, train_on, where, record.get("split"))
+    return Document(str(record.get("id", where)), segments, overrides, train_on, where, record.get("split"),
+                    record.get("kind"))
 
 
-def encode_document(document: Document, vocab: Vocabulary, image_codes) -> EncodedDocument:
-    """Tokens and loss mask of one document. image_codes(ImageSegment, where) -> (h, w) code array."""
+def encode_document(document: Document, vocab: Vocabulary, image_codes=None, pictures=None) -> EncodedDocument:
+    """Tokens and loss mask of one document. A picture becomes, as discrete codes, <boi> codes <eoi> with
+    image_codes(ImageSegment, where) -> (h, w) code array; as continuous features (pictures given: a
+    `ContinuousPictures`), <boi> + <image> x placeholders + <eoi>, never a target, with the slot of every
+    placeholder in `pictures` (the encoder-adapter's features replace those embeddings)."""
     special = vocab.special
-    pieces, targets = [np.array([special.bos])], [np.array([False])]
+    pieces, targets, slots = [np.array([special.bos])], [np.array([False])], [np.array([-1])]
     for segment, override in zip(document.segments, document.loss_overrides):
         if isinstance(segment, str):
             ids = np.asarray(vocab.encode_text(segment), dtype=np.int64)
             trained = document.train_on in ("all", "text") if override is None else override
+            slot = np.full(len(ids), -1)
+        elif pictures is not None:
+            first = pictures.index(segment, document.where) * pictures.placeholders
+            ids = np.array([special.boi] + [special.image] * pictures.placeholders + [special.eoi])
+            trained = False  # the picture is input: its features come from the encoder, nothing to predict
+            slot = np.concatenate([[-1], first + np.arange(pictures.placeholders), [-1]])
         else:
             ids = vocab.image_ids(image_codes(segment, document.where))
             trained = document.train_on in ("all", "image") if override is None else override
+            slot = np.full(len(ids), -1)
         pieces.append(ids)
         targets.append(np.full(len(ids), trained))
+        slots.append(slot)
     pieces.append(np.array([special.eos]))
     targets.append(np.array([document.train_on in ("all", "text")]))
-    return EncodedDocument(np.concatenate(pieces).astype(np.int64), np.concatenate(targets).astype(bool))
+    slots.append(np.array([-1]))
+    return EncodedDocument(np.concatenate(pieces).astype(np.int64), np.concatenate(targets).astype(bool),
+                           np.concatenate(slots).astype(np.int64) if pictures is not None else None)

@@ -38,9 +38,9 @@ from vqtok.checkpoint import atomic_write_text
 from vqtok.images import atomic_save_png, load_rgb, preprocess, to_tensor, to_uint8
 
 from .checkpoint import untrained_model
-from .prompts import encode_pictures
+from .prompts import continuous_pictures, encode_pictures
 from .render import decode_pictures
-from .sampler import Prompt, Sampler
+from .sampler import ContinuousPicture, Prompt, Sampler
 from .sampling import SamplingConfig
 from .text_corpus import read_texts
 from .world import CAPTION_PREFIX, Scene, describe, parse_caption, read_documents, read_scenes, scene_facts
@@ -167,16 +167,24 @@ def first_sentence(text: str) -> str:
 class Evaluator:
     """Runs every world task for one model (trained or untrained) through one `Sampler`."""
 
-    def __init__(self, model, vocab, tokenizer, grid: tuple[int, int], settings: EvalSettings):
+    def __init__(self, model, vocab, tokenizer, grid: tuple[int, int] | None, settings: EvalSettings,
+                 continuous_size: int | None = None):
+        """continuous_size: read prompt pictures through the continuous path (pixels of this size for the model's
+        picture adapter) instead of as vqtok codes."""
         self.model, self.vocab, self.tokenizer, self.grid, self.settings = model, vocab, tokenizer, grid, settings
+        self.continuous_size = continuous_size
         self.sampler = Sampler(model, vocab, grid)
-        self._codes: dict[Path, np.ndarray] = {}
+        self._codes: dict[Path, np.ndarray | ContinuousPicture] = {}
 
     # -- pictures in and out --------------------------------------------------------------------------------------
-    def encode(self, paths: list[Path]) -> list[np.ndarray]:
-        """World pictures -> (h, w) codes at the model's grid (cached: the same picture serves several tasks)."""
+    def encode(self, paths: list[Path]) -> list[np.ndarray | ContinuousPicture]:
+        """World pictures -> (h, w) codes at the model's grid, or continuous pictures (cached: the same picture
+        serves several tasks)."""
         todo = [p for p in dict.fromkeys(paths) if p not in self._codes]
-        self._codes.update(encode_pictures(todo, self.tokenizer, self.grid))
+        if self.continuous_size:
+            self._codes.update(continuous_pictures(todo, self.continuous_size))
+        else:
+            self._codes.update(encode_pictures(todo, self.tokenizer, self.grid))
         return [self._codes[p] for p in paths]
 
     def _config(self, mode: str, max_new_tokens: int) -> SamplingConfig:

@@ -31,6 +31,7 @@ from kernels.attention import (
 )
 from kernels.linear_cross_entropy import linear_cross_entropy
 
+from .adapter import PictureAdapter
 from .config import ModelConfig
 
 
@@ -258,6 +259,8 @@ class UnifiedTransformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = OutputHead(config.dim, config.vocab_size, self.embed if config.tied_embeddings else None)
         self.embed_dropout = nn.Dropout(config.dropout)
+        # the continuous path: image encoder + MLP adapter whose features fill <image> placeholders
+        self.picture_adapter = PictureAdapter(config.picture, config.dim) if config.picture.encoder else None
         # RoPE tables are a cache, not buffers: precision wrappers (bf16 engines) must never cast them
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.apply(self._init_weights)  # through apply(), so ZeRO-3 gathers each partitioned weight
@@ -288,9 +291,20 @@ class UnifiedTransformer(nn.Module):
                              f"positions, got {got}")
         return h.masked_scatter(splice_mask[..., None], splice_embeddings.to(h.dtype))
 
+    def picture_features(self, picture_slots: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The continuous path's splice: picture_slots (B, T), picture * placeholders + patch at each <image>
+        placeholder (-1 elsewhere); pixels (M, 3, S, S) in [-1, 1]. Returns (splice_mask (B, T), embeddings)."""
+        if self.picture_adapter is None:
+            raise ValueError("the batch holds continuous pictures, but the model has no picture encoder "
+                             "(set train.encoder_run, or load a checkpoint trained with one)")
+        features = self.picture_adapter(pixels)  # (M, placeholders, dim)
+        splice_mask = picture_slots >= 0
+        return splice_mask, features.reshape(-1, features.shape[-1])[picture_slots[splice_mask]]
+
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, image_targets: torch.Tensor | None = None,
                 splice_mask: torch.Tensor | None = None, splice_embeddings: torch.Tensor | None = None,
+                picture_slots: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
                 loss_denominator: float | None = None, collect_stats: bool = False) -> ModelOutput:
         """tokens, targets, loss_mask, document_ids, image_targets, splice_mask: (B, T).
 
@@ -298,6 +312,8 @@ class UnifiedTransformer(nn.Module):
         the per-modality losses. The loss is the masked sum divided by `loss_denominator` (default: this batch's
         target count); training passes a share of the whole step's target count so every target token weighs
         the same whatever micro-batch or rank it lands in. Without targets, returns logits (B, T, V).
+        Continuous pictures come either as splice_mask + splice_embeddings, or as picture_slots (B, T) + pixels
+        (M, 3, S, S), encoded here by the picture adapter (`picture_features`).
         """
         batch, length = tokens.shape
         if length > self.config.max_seq_len:
@@ -308,6 +324,8 @@ class UnifiedTransformer(nn.Module):
             positions = torch.arange(length, device=tokens.device).expand(batch, length)
         cos_table, sin_table = self.rope(tokens.device)
         cos, sin = cos_table[positions], sin_table[positions]
+        if picture_slots is not None:
+            splice_mask, splice_embeddings = self.picture_features(picture_slots, pixels)
         x = self.embed_dropout(self.embed_tokens(tokens, splice_mask, splice_embeddings))
         layer_stats = []
         for layer in self.layers:
@@ -352,7 +370,8 @@ class UnifiedTransformer(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, valid: torch.Tensor | None = None,
-               last_only: bool = False, slot: torch.Tensor | None = None) -> torch.Tensor:
+               last_only: bool = False, slot: torch.Tensor | None = None, splice_mask: torch.Tensor | None = None,
+               splice_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Incremental decoding: run `tokens` (B, T) through the model, appending their keys/values to `cache`.
 
         positions: (B, T) RoPE positions of the new tokens (a left-padded prompt's first real token is 0);
@@ -363,6 +382,7 @@ class UnifiedTransformer(nn.Module):
         slot: static-shape mode for CUDA graphs: one token per row (T = 1) written at cache slot `slot` (a 0-d
         long tensor), attending over the whole cache through the mask; `cache.length` is left to the caller.
         Every shape and address is then the same at every step, so the step can be captured once and replayed.
+        splice_mask / splice_embeddings: continuous pictures in a prompt (see `embed_tokens`).
         """
         batch, length = tokens.shape
         if valid is None:
@@ -383,7 +403,7 @@ class UnifiedTransformer(nn.Module):
         cos_table, sin_table = self.rope(tokens.device)
         positions = positions.clamp(min=0)  # padding positions are unused; keep the table lookup in range
         cos, sin = cos_table[positions], sin_table[positions]
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens, splice_mask, splice_embeddings)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None, None, LayerCache(cache.keys[index], cache.values[index], start, mask))
         if last_only:

@@ -7,6 +7,8 @@ Layout of a packed dataset directory:
     shards/rows-00000.tokens      (rows, seq_len + 1) token ids, uint16 when the vocabulary fits, else int32
     shards/rows-00000.documents   (rows, seq_len + 1) uint16 document number inside the row; 0 = padding
     shards/rows-00000.loss        (rows, seq_len + 1) uint8: 1 where the token is a training target
+    shards/rows-00000.pictures    continuous path only: (rows, seq_len + 1) int32 placeholder slots, see pictures.py
+    pictures.u8                   continuous path only: the pictures' pixels (pictures.py)
     image_tokens_<resolution>/    vqtok token store of pictures encoded by prepare itself (reused on re-runs)
 
 Rows hold seq_len + 1 tokens so inputs = row[:-1] and targets = row[1:]. Packing is greedy and deterministic:
@@ -31,6 +33,7 @@ import torch
 from vqtok.checkpoint import atomic_write_text
 
 from .documents import EncodedDocument
+from .pictures import open_pixels
 from .vocab import Vocabulary
 
 FORMAT = "unified-lm-packed/1"
@@ -42,41 +45,39 @@ class PackedRow:
     tokens: np.ndarray  # (L,) int64
     documents: np.ndarray  # (L,) document number in the row, 0 = padding
     loss: np.ndarray  # (L,) bool
+    pictures: np.ndarray | None = None  # (L,) int64 continuous-path placeholder slots, -1 elsewhere
 
 
-def pack_documents(documents: Iterable[EncodedDocument], row_length: int, pad_id: int) -> Iterator[PackedRow]:
-    """Greedy packing of encoded documents into rows of exactly `row_length` tokens (see module docstring)."""
-    tokens = np.full(row_length, pad_id, np.int64)
-    numbers = np.zeros(row_length, np.int64)
-    loss = np.zeros(row_length, bool)
-    fill, count = 0, 0
+def pack_documents(documents: Iterable[EncodedDocument], row_length: int, pad_id: int,
+                   with_pictures: bool = False) -> Iterator[PackedRow]:
+    """Greedy packing of encoded documents into rows of exactly `row_length` tokens (see module docstring).
+    with_pictures: the documents carry continuous-path placeholder slots, packed alongside the tokens."""
+    def empty_row() -> PackedRow:
+        return PackedRow(np.full(row_length, pad_id, np.int64), np.zeros(row_length, np.int64),
+                         np.zeros(row_length, bool), np.full(row_length, -1, np.int64) if with_pictures else None)
 
-    def flush():
-        nonlocal tokens, numbers, loss, fill, count
-        row = PackedRow(tokens, numbers, loss)
-        tokens = np.full(row_length, pad_id, np.int64)
-        numbers = np.zeros(row_length, np.int64)
-        loss = np.zeros(row_length, bool)
-        fill, count = 0, 0
-        return row
-
+    row, fill, count = empty_row(), 0, 0
     for document in documents:
         length = len(document.tokens)
         if fill and length > row_length - fill and length <= row_length:
-            yield flush()
+            yield row
+            row, fill, count = empty_row(), 0, 0
         start = 0
         while start < length:
             if fill == row_length:
-                yield flush()
+                yield row
+                row, fill, count = empty_row(), 0, 0
             take = min(length - start, row_length - fill)
             count += 1
-            tokens[fill : fill + take] = document.tokens[start : start + take]
-            numbers[fill : fill + take] = count
-            loss[fill : fill + take] = document.loss[start : start + take]
+            row.tokens[fill : fill + take] = document.tokens[start : start + take]
+            row.documents[fill : fill + take] = count
+            row.loss[fill : fill + take] = document.loss[start : start + take]
+            if with_pictures:
+                row.pictures[fill : fill + take] = document.pictures[start : start + take]
             fill += take
             start += take
     if fill:
-        yield flush()
+        yield row
 
 
 class ShardedRowWriter:
@@ -99,6 +100,8 @@ class ShardedRowWriter:
         arrays = {"tokens": np.stack([r.tokens for r in self._buffer]).astype(self.dtype),
                   "documents": np.stack([r.documents for r in self._buffer]).astype("<u2"),
                   "loss": np.stack([r.loss for r in self._buffer]).astype(np.uint8)}
+        if self._buffer[0].pictures is not None:
+            arrays["pictures"] = np.stack([r.pictures for r in self._buffer]).astype("<i4")
         for suffix, array in arrays.items():
             array.tofile(self.shard_dir / f"{name}.{suffix}")
         self.shards.append({"name": f"shards/{name}", "rows": len(self._buffer)})
@@ -125,20 +128,28 @@ def target_mask(loss, documents):
 
 @dataclass
 class Batch:
-    """Model inputs for one micro-step; every tensor is (B, seq_len)."""
+    """Model inputs for one micro-step; every tensor is (B, seq_len) except `pixels`."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     loss_mask: torch.Tensor
     document_ids: torch.Tensor
     image_targets: torch.Tensor
+    # continuous path: slot of each <image> input (local picture * placeholders + patch, -1 elsewhere) and the
+    # (M, 3, S, S) pixels in [-1, 1] of the batch's M distinct pictures
+    picture_slots: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
-        return Batch(*(getattr(self, name).to(device, non_blocking=True) for name in self.__dataclass_fields__))
+        return Batch(*(None if getattr(self, name) is None else getattr(self, name).to(device, non_blocking=True)
+                       for name in self.__dataclass_fields__))
 
     def model_kwargs(self) -> dict:
-        return {"targets": self.targets, "loss_mask": self.loss_mask, "document_ids": self.document_ids,
-                "image_targets": self.image_targets}
+        kwargs = {"targets": self.targets, "loss_mask": self.loss_mask, "document_ids": self.document_ids,
+                  "image_targets": self.image_targets}
+        if self.picture_slots is not None:
+            kwargs.update(picture_slots=self.picture_slots, pixels=self.pixels)
+        return kwargs
 
 
 class PackedDataset:
@@ -165,10 +176,15 @@ class PackedDataset:
                              f"{self.vocab.fingerprint} (size {self.vocab.size}); re-run `unified-lm prepare`")
         self.row_length = int(self.info["row_length"])
         self.dtype = np.dtype(self.info["token_dtype"])
+        self.pictures: dict | None = self.info.get("pictures")  # continuous path: see pictures.py
+        self.pixels = open_pixels(self.root, self.pictures) if self.pictures else None
+        suffixes = dict(zip(SHARD_SUFFIXES, (self.dtype, np.dtype("<u2"), np.dtype(np.uint8))))
+        if self.pictures:
+            suffixes["pictures"] = np.dtype("<i4")
         self._shards = []
         for shard in self.info["shards"]:
             arrays = {}
-            for suffix, dtype in zip(SHARD_SUFFIXES, (self.dtype, np.dtype("<u2"), np.dtype(np.uint8))):
+            for suffix, dtype in suffixes.items():
                 path = self.root / f"{shard['name']}.{suffix}"
                 expected = shard["rows"] * self.row_length * dtype.itemsize
                 if not path.is_file() or path.stat().st_size != expected:
@@ -196,8 +212,9 @@ class PackedDataset:
         shard = int(np.searchsorted(self._starts, index, side="right") - 1)
         local = index - int(self._starts[shard])
         arrays = self._shards[shard]
+        pictures = arrays["pictures"][local].astype(np.int64) if "pictures" in arrays else None
         return PackedRow(arrays["tokens"][local].astype(np.int64), arrays["documents"][local].astype(np.int64),
-                         arrays["loss"][local].astype(bool))
+                         arrays["loss"][local].astype(bool), pictures)
 
     def batch(self, indices: list[int]) -> Batch:
         rows = [self[i] for i in indices]
@@ -205,8 +222,25 @@ class PackedDataset:
         documents = torch.from_numpy(np.stack([r.documents for r in rows]))
         loss = torch.from_numpy(np.stack([r.loss for r in rows]))
         targets = tokens[:, 1:]
-        return Batch(inputs=tokens[:, :-1], targets=targets, loss_mask=target_mask(loss, documents),
-                     document_ids=documents[:, :-1], image_targets=self.vocab.in_picture(targets))
+        batch = Batch(inputs=tokens[:, :-1], targets=targets, loss_mask=target_mask(loss, documents),
+                      document_ids=documents[:, :-1], image_targets=self.vocab.in_picture(targets))
+        if self.pictures:
+            batch.picture_slots, batch.pixels = self._batch_pictures(np.stack([r.pictures[:-1] for r in rows]))
+        return batch
+
+    def _batch_pictures(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global placeholder slots (B, T) -> slots into the batch's own pictures, and those pictures' pixels."""
+        from vqtok.images import to_tensor
+
+        placeholders = self.pictures["placeholders"]
+        used = slots >= 0
+        numbers, local = np.unique(slots[used] // placeholders, return_inverse=True)
+        batch_slots = np.full(slots.shape, -1, np.int64)
+        batch_slots[used] = local * placeholders + slots[used] % placeholders
+        size = self.pictures["image_size"]
+        pixels = (torch.stack([to_tensor(self.pixels[n]) for n in numbers]) if len(numbers)
+                  else torch.zeros(0, 3, size, size))
+        return torch.from_numpy(batch_slots), pixels
 
     def count_targets(self, indices: list[int]) -> int:
         """Training targets in these rows (what `batch(indices).loss_mask.sum()` would give), read from the loss

@@ -23,6 +23,7 @@ from vqtok.token_store import ShardWriter, TokenStore
 
 from .documents import Document, ImageSegment, encode_document, read_documents
 from .packing import pack_documents, write_dataset
+from .pictures import ContinuousPictures
 from .text_corpus import read_texts
 from .vocab import Vocabulary
 
@@ -39,6 +40,11 @@ class PrepareSettings:
     text_corpus: str | None = None  # "default" (Wikipedia summaries) or a file: text-only documents mixed in
     text_documents: int = 0  # how many of them
     image_resolution: int | None = None  # encode size for --tokenizer (default: the tokenizer's)
+    kinds: tuple[str, ...] = ()  # keep only documents whose "kind" is one of these (empty: all)
+    # the continuous encoder-adapter path: pictures stored as pixels of this size with `placeholders` <image>
+    # tokens each (from the image encoder and adapter pooling), instead of vqtok codes
+    picture_size: int | None = None
+    placeholders: int = 0
 
 
 class ImageCodes:
@@ -134,14 +140,34 @@ def prepare(documents_files: list[str], vocab_dir: str, out: str, settings: Prep
     out_path.mkdir(parents=True, exist_ok=True)
     documents: list[Document] = []
     for path in documents_files:
-        documents += read_documents(path, settings.default_train_on, settings.split)
+        documents += [d for d in read_documents(path, settings.default_train_on, settings.split)
+                      if not settings.kinds or d.kind in settings.kinds]
     if settings.text_corpus and settings.text_documents:
         for number, text in enumerate(read_texts(settings.text_corpus)):
             if number >= settings.text_documents:
                 break
             documents.append(Document(f"text-{number}", [text], [None], "all", f"{settings.text_corpus} #{number}"))
     if not documents:
-        raise ValueError(f"no documents in {documents_files}" + (f" with split {settings.split!r}" if settings.split else ""))
+        kinds = f" of kind {list(settings.kinds)}" if settings.kinds else ""
+        raise ValueError(f"no documents{kinds} in {documents_files}"
+                         + (f" with split {settings.split!r}" if settings.split else ""))
+    extra = {"documents": len(documents), "seed": settings.seed,
+             "sources": [os.fspath(Path(p).resolve()) for p in documents_files], "split": settings.split,
+             "kinds": list(settings.kinds), "text_documents": settings.text_documents}
+    kinds: dict[str, int] = {}
+    for document in documents:
+        kinds[document.train_on] = kinds.get(document.train_on, 0) + 1
+    extra["documents_by_train_on"] = kinds
+    order = np.random.default_rng(settings.seed).permutation(len(documents))
+    if settings.picture_size:  # continuous path: pixels beside the rows, placeholders in them
+        if settings.placeholders <= 0:
+            raise ValueError("placeholders must be positive for the continuous path (the adapter's features per picture)")
+        pictures = ContinuousPictures(documents, settings.picture_size, settings.placeholders)
+        extra["pictures"] = pictures.write(out_path)
+        extra["image_grids"] = {}
+        encoded = (encode_document(documents[i], vocab, pictures=pictures) for i in order)
+        rows = pack_documents(encoded, settings.seq_len + 1, vocab.special.pad, with_pictures=True)
+        return write_dataset(out_path, rows, vocab, settings.seq_len + 1, settings.rows_per_shard, extra)
     # one cache per encode size: codes of the same picture at another resolution are another grid
     cache = out_path / f"image_tokens_{settings.image_resolution or 'native'}"
     images = ImageCodes(vocab, list(stores), tokenizer, cache, settings.image_resolution, device)
@@ -153,16 +179,9 @@ def prepare(documents_files: list[str], vocab_dir: str, out: str, settings: Prep
                                     "--tokens STORE (from `vqtok encode`) or --tokenizer RUN to encode them")
         log.info("encoding %d image(s) with %s", len(missing), tokenizer)
         images.encode_missing(missing)
-    order = np.random.default_rng(settings.seed).permutation(len(documents))
-    kinds: dict[str, int] = {}
-    for document in documents:
-        kinds[document.train_on] = kinds.get(document.train_on, 0) + 1
     encoded = (encode_document(documents[i], vocab, images) for i in order)
     rows = pack_documents(encoded, settings.seq_len + 1, vocab.special.pad)
-    return write_dataset(out_path, rows, vocab, settings.seq_len + 1, settings.rows_per_shard,
-                         {"documents": len(documents), "documents_by_train_on": kinds, "seed": settings.seed,
-                          "sources": [os.fspath(Path(p).resolve()) for p in documents_files],
-                          "split": settings.split, "text_documents": settings.text_documents,
-                          # filled while the rows are written (dataset.json is written after them): the sampler
-                          # takes the picture size to generate from here
-                          "image_grids": images.grids})
+    # image_grids is filled while the rows are written (dataset.json is written after them): the sampler takes
+    # the picture size to generate from here
+    extra["image_grids"] = images.grids
+    return write_dataset(out_path, rows, vocab, settings.seq_len + 1, settings.rows_per_shard, extra)

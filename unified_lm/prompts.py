@@ -1,4 +1,5 @@
-"""Prompts for `unified-lm sample`: text and picture files -> `Prompt`s whose pictures are vqtok codes.
+"""Prompts for `unified-lm sample`: text and picture files -> `Prompt`s whose pictures are vqtok codes (or, for
+the continuous encoder-adapter path, pixels for the model's image encoder).
 
 A prompts file is JSONL, one prompt per line, in the documents format's segment style:
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from .documents import read_jsonl
-from .sampler import Prompt
+from .sampler import ContinuousPicture, Prompt
 
 PromptSpec = list  # segments: str (text) or Path (a picture file)
 
@@ -75,6 +76,26 @@ def encode_pictures(paths: list[Path], tokenizer, grid: tuple[int, int] | None,
     return codes
 
 
-def build_prompts(specs: list[tuple[PromptSpec, int | None]], tokenizer, grid: tuple[int, int] | None) -> list[Prompt]:
-    pictures = encode_pictures([s for spec, _ in specs for s in spec if isinstance(s, Path)], tokenizer, grid)
+def continuous_pictures(paths: list[Path], image_size: int) -> dict[Path, ContinuousPicture]:
+    """Picture files -> pixels for the continuous path, square-cropped and resized to the encoder's input size
+    (as `unified-lm prepare --encoder` stores them). Missing or unreadable files raise errors naming them."""
+    from vqtok.images import load_rgb, preprocess, to_tensor
+
+    pictures = {}
+    for path in dict.fromkeys(paths):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"prompt picture not found: {path}")
+        pictures[path] = ContinuousPicture(to_tensor(preprocess(load_rgb(path), image_size)))
+    return pictures
+
+
+def build_prompts(specs: list[tuple[PromptSpec, int | None]], tokenizer, grid: tuple[int, int] | None,
+                  continuous_size: int | None = None) -> list[Prompt]:
+    """Prompts whose pictures are vqtok codes, or, with `continuous_size` (the continuous path), pixels of that
+    size for the model's image encoder."""
+    paths = [s for spec, _ in specs for s in spec if isinstance(s, Path)]
+    if continuous_size:
+        pictures = continuous_pictures(paths, continuous_size)
+    else:
+        pictures = encode_pictures(paths, tokenizer, grid)
     return [Prompt([pictures[s] if isinstance(s, Path) else s for s in spec], seed) for spec, seed in specs]

@@ -143,14 +143,17 @@ def write_documents(out: str | os.PathLike, documents: list[SampledDocument], to
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     items = [RenderedDocument(d, f"sample-{d.index:03d}") for d in documents]
-    prompt_codes = [[s.codes for s in d.prompt if s.kind == "image"] for d in documents]
+    # continuous prompt pictures come with their pixels; every other picture is decoded from its codes
+    prompt_codes = [[s.codes for s in d.prompt if s.kind == "image" and s.pixels is None] for d in documents]
     codes = [[s.codes for s in d.segments if s.kind == "image"] for d in documents]
     flat = [c for group in prompt_codes + codes for c in group]
     if flat and tokenizer is None:
         raise ValueError("these documents hold pictures; give the vqtok tokenizer (--tokenizer) to decode them")
     pictures = iter(decode_pictures(flat, tokenizer) if flat else [])
-    for item, prompt_group, group in zip(items, prompt_codes, codes):
-        item.prompt_pictures = [next(pictures) for _ in prompt_group]
+    for item, group in zip(items, codes):
+        item.prompt_pictures = [s.pixels if s.pixels is not None else next(pictures)
+                                for s in item.document.prompt if s.kind == "image"]
+    for item, group in zip(items, codes):
         item.pictures = [next(pictures) for _ in group]
         for number, picture in enumerate(item.prompt_pictures, 1):
             atomic_save_png(picture, out / "images" / f"{item.name}-p{number}.png")

@@ -149,8 +149,10 @@ def _pairs_html(eval_dir: Path, pairs: list[dict]) -> str:
 
 
 def write_report(eval_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None, title: str = "Evaluation report",
-                 links: dict[str, str] | None = None, facts: dict[str, str] | None = None) -> Path:
-    """EVAL/index.html and EVAL/report.png from EVAL/eval.json (+ RUN/log.jsonl for the curves); returns the HTML."""
+                 links: dict[str, str] | None = None, facts: dict[str, str] | None = None,
+                 understanding: str | os.PathLike | None = None) -> Path:
+    """EVAL/index.html and EVAL/report.png from EVAL/eval.json (+ RUN/log.jsonl for the curves); returns the HTML.
+    `understanding`: an understanding.json (`unified-lm understand`) whose comparison joins the report."""
     eval_dir = Path(eval_dir)
     report = json.loads((eval_dir / "eval.json").read_text())
     results, examples = report["results"], report["examples"]
@@ -171,6 +173,8 @@ def write_report(eval_dir: str | os.PathLike, run_dir: str | os.PathLike | None 
         body.append("<h2>Tokenizer: held-out photos (original | reconstruction)</h2>" + _pairs_html(eval_dir, examples["photo_pairs"]))
     if examples.get("world_pairs"):
         body.append("<h2>Tokenizer: held-out world pictures (original | reconstruction)</h2>" + _pairs_html(eval_dir, examples["world_pairs"]))
+    if understanding and Path(understanding).is_file():
+        body.append(understanding_html(json.loads(Path(understanding).read_text())))
     body.append(_examples_html(eval_dir, examples))
     if links:
         body.append("<h2>More sampled documents</h2><ul>" + "".join(
@@ -181,6 +185,38 @@ def write_report(eval_dir: str | os.PathLike, run_dir: str | os.PathLike | None 
     atomic_write_text(out, page)
     summary_picture(eval_dir, report, curves.get("loss"))
     return out
+
+
+def understanding_html(report: dict) -> str:
+    """The discrete-vs-continuous comparison (unified_lm.understanding) as an HTML table with a few answers."""
+    from .understanding import ROWS
+
+    models = report["models"]
+    names = list(models)
+    head = "".join(f"<th>{html.escape(n)} ({html.escape(models[n]['path'])}, step {models[n].get('step')})</th>"
+                   for n in names)
+    rows = []
+    for task, metric, label in ROWS:
+        values = [models[n].get(task, {}).get(metric) for n in names]
+        if all(v is None for v in values):
+            continue
+        chance = models[names[0]].get("chance", {}).get(task, {}).get(metric)
+        cells = [("-" if v is None else f"{v:.1f}" if task == "text" else f"{100 * v:.1f}%") for v in values]
+        chance_cell = "-" if chance is None or task == "text" else f"{100 * chance:.1f}%"
+        rows.append(f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{c}</td>" for c in cells)
+                    + f"<td>{chance_cell}</td></tr>")
+    answers = []
+    for name in names:
+        for item in models[name].get("examples", {}).get("qa", [])[:3]:
+            answers.append(f"<li><b>{html.escape(name)}</b>: {html.escape(item['prompt'])} -> "
+                           f"{html.escape(item['output'])} (truth: {html.escape(item['truth'])})</li>")
+    return ("<h2>Picture understanding: discrete codes vs continuous features</h2>"
+            f"<table><tr><th>held-out world</th>{head}<th>chance</th></tr>{''.join(rows)}</table>"
+            "<p class='note'>Each model answers the same held-out questions and captions its pictures; the discrete "
+            "path gives pictures as vqtok codes, the continuous path as pixels through the image encoder and MLP "
+            "adapter. Both understanding models start from the same language model and train stage 2 on the same "
+            "documents for the same steps; the continuous one first trains its adapter alone (stage 1).</p>"
+            f"<ul>{''.join(answers)}</ul>")
 
 
 def summary_picture(eval_dir: Path, report: dict, loss_curve: Path | None) -> Path:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vqtok.images import to_uint8
+
 from .decode_step import StaticDecodeStep
 from .model import KVCache, UnifiedTransformer
 from .sampling import (
@@ -47,18 +49,29 @@ class Segment:
     kind: str  # "text" | "image"
     tokens: list[int] = field(default_factory=list)  # model ids; a picture's codes only (no <boi>/<eoi>)
     text: str = ""  # decoded text ("text" segments)
-    codes: np.ndarray | None = None  # (grid_h, grid_w) codes ("image" segments)
+    codes: np.ndarray | None = None  # (grid_h, grid_w) codes ("image" segments); None for a continuous picture
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8: a continuous prompt picture as the encoder saw it
 
     def to_json(self) -> dict:
         if self.kind == "text":
             return {"type": "text", "text": self.text}
+        if self.codes is None:
+            return {"type": "image", "continuous": True}
         return {"type": "image", "grid": list(self.codes.shape), "codes": self.codes.tolist()}
 
 
 @dataclass
+class ContinuousPicture:
+    """A prompt picture for the continuous encoder-adapter path: (3, S, S) pixels in [-1, 1]. It enters the
+    prompt as <boi>, one <image> placeholder per adapter feature, <eoi>; the model's picture adapter encodes it."""
+
+    pixels: torch.Tensor
+
+
+@dataclass
 class Prompt:
-    """Prompt segments: text (str) or a picture as (h, w) image codes (from vqtok). `seed` overrides the default
-    per-prompt seed (SamplingConfig.seed + prompt index)."""
+    """Prompt segments: text (str), a picture as (h, w) image codes (from vqtok), or a `ContinuousPicture`.
+    `seed` overrides the default per-prompt seed (SamplingConfig.seed + prompt index)."""
 
     segments: list = field(default_factory=list)
     seed: int | None = None
@@ -136,6 +149,7 @@ class _DocumentBuilder:
         self.text_tokens: list[int] = []
         self.text_so_far = ""
         self.image_tokens: list[int] | None = None
+        self.continuous = False  # the open picture is a continuous one (placeholders, no codes)
 
     def _emit(self, **event) -> None:
         if self.on_event is not None:
@@ -153,6 +167,8 @@ class _DocumentBuilder:
         elif self.image_tokens is not None and vocab.image_offset <= token < vocab.size:
             self.image_tokens.append(token)
             self._emit(kind="token", token=token, modality="image")
+        elif self.image_tokens is not None and token == special.image:  # a continuous picture's placeholder
+            self.continuous = True
         elif 0 <= token < vocab.text_size:
             self.text_tokens.append(token)
             text = vocab.decode_text(self.text_tokens)
@@ -175,6 +191,10 @@ class _DocumentBuilder:
 
     def _close_image(self) -> None:
         tokens, self.image_tokens = self.image_tokens or [], None
+        if self.continuous:
+            self.continuous = False
+            self.segments.append(Segment("image"))
+            return
         codes = np.asarray(tokens, dtype=np.int64) - self.vocab.image_offset
         if self.grid is not None and codes.size == self.grid[0] * self.grid[1]:
             codes = codes.reshape(self.grid)
@@ -225,11 +245,15 @@ class Sampler:
 
     # -- prompts --------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, mode: str) -> list[int]:
-        """<bos>, then each segment (text pieces, or <boi> codes <eoi>); image mode appends <boi>."""
-        ids = [self.vocab.special.bos]
+        """<bos>, then each segment (text pieces, <boi> codes <eoi>, or <boi> <image>... <eoi> for a continuous
+        picture); image mode appends <boi>."""
+        special = self.vocab.special
+        ids = [special.bos]
         for number, segment in enumerate(prompt.segments):
             if isinstance(segment, str):
                 ids += self.vocab.encode_text(segment)
+            elif isinstance(segment, ContinuousPicture):
+                ids += [special.boi] + [special.image] * self.placeholders(segment, number) + [special.eoi]
             else:
                 codes = np.asarray(segment)
                 if codes.ndim != 2:
@@ -238,6 +262,31 @@ class Sampler:
         if mode == "image":
             ids.append(self.vocab.special.boi)
         return ids
+
+    def placeholders(self, picture: ContinuousPicture, number: int) -> int:
+        adapter = self.model.picture_adapter
+        if adapter is None:
+            raise ValueError(f"prompt segment {number}: a continuous picture needs a model with a picture encoder "
+                             "(trained with train.encoder_run); this one reads pictures as codes only")
+        if picture.pixels.ndim != 3 or picture.pixels.shape[0] != 3:
+            raise ValueError(f"prompt segment {number}: continuous picture pixels must be (3, S, S), got "
+                             f"{tuple(picture.pixels.shape)}")
+        return adapter.placeholders(picture.pixels.shape[-1])
+
+    def _continuous_splice(self, prompts: list[Prompt], tokens: torch.Tensor):
+        """(splice_mask, embeddings) for the continuous prompt pictures of the first len(prompts) rows, or
+        (None, None): every placeholder gets the adapter's feature for its picture and patch, in row order."""
+        pictures = [s.pixels for p in prompts for s in p.segments if isinstance(s, ContinuousPicture)]
+        if not pictures:
+            return None, None
+        splice_mask = tokens == self.vocab.special.image
+        dtype = next(self.model.parameters()).dtype
+        features = torch.cat([self.model.picture_adapter(picture[None].to(self.device, dtype))[0]
+                              for picture in pictures])
+        if features.shape[0] != int(splice_mask.sum()):
+            raise ValueError(f"{int(splice_mask.sum())} <image> placeholders in the prompts but {features.shape[0]} "
+                             "picture features; a prompt's text must not contain the placeholder token")
+        return splice_mask, features
 
     def _check(self, prompts: list[Prompt], config: SamplingConfig) -> None:
         config.validate()
@@ -248,6 +297,10 @@ class Sampler:
                              "--image-grid HxW; checkpoints record it from their training data)")
         for number, prompt in enumerate(prompts):
             has_picture = any(not isinstance(s, str) for s in prompt.segments)
+            if config.guidance.mode != "none" and config.mode in ("interleaved", "image") and any(
+                    isinstance(s, ContinuousPicture) for s in prompt.segments):
+                raise ValueError(f"prompt {number}: classifier-free guidance contexts hold picture codes; continuous "
+                                 "prompt pictures work without guidance (--cfg none)")
             if config.mode == "understanding" and not has_picture:
                 raise ValueError(f"prompt {number}: mode 'understanding' answers questions about pictures; the prompt "
                                  "holds none (give --image PATH)")
@@ -300,8 +353,9 @@ class Sampler:
             for count in {total_rows, batch}:
                 steps[count] = StaticDecodeStep(model, cache, count, compile=self.compile)
         start = time.perf_counter()
+        splice_mask, splice_embeddings = self._continuous_splice(prompts, tokens.to(self.device))
         logits = model.decode(tokens.to(self.device), cache, positions.to(self.device), valid.to(self.device),
-                              last_only=True)[:, 0]
+                              last_only=True, splice_mask=splice_mask, splice_embeddings=splice_embeddings)[:, 0]
         self._sync()
         self.stats.prefill_seconds += time.perf_counter() - start
         next_position = [len(ids) for ids in rows]
@@ -418,7 +472,12 @@ class Sampler:
 
         documents = []
         for row in range(batch):
-            document = SampledDocument(row, seeds[row], split_segments(full[row], vocab, self.image_grid),
+            prompt = split_segments(full[row], vocab, self.image_grid)
+            continuous = iter(s for s in prompts[row].segments if isinstance(s, ContinuousPicture))
+            for segment in prompt:  # continuous pictures keep their pixels (they have no codes to decode)
+                if segment.kind == "image" and segment.codes is None:
+                    segment.pixels = to_uint8(next(continuous).pixels)
+            document = SampledDocument(row, seeds[row], prompt,
                                        builders[row].segments, generated[row], finish[row], len(full[row]))
             documents.append(document)
             if on_event is not None:

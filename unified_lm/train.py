@@ -124,14 +124,53 @@ def learning_rate_factor(step: int, config: UnifiedConfig) -> float:
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.0,
+                     encoder_lr_scale: float = 1.0) -> list[dict]:
     """Weight decay on projection and embedding matrices, none on norm weights and biases (incl. QK-norm's
-    per-head (H, D) affines). Chosen by module type, not tensor rank: ZeRO-3 partitions parameters to 1-D."""
+    per-head (H, D) affines). Chosen by module type, not tensor rank: ZeRO-3 partitions parameters to 1-D.
+    Frozen parameters (requires_grad False) are left out, so they get no optimizer state; the picture path's
+    image encoder gets lr * encoder_lr_scale."""
     decayed = {id(m.weight) for m in model.modules()
                if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, OutputHead)) and m.weight is not None}
-    decay = [p for p in model.parameters() if id(p) in decayed]
-    no_decay = [p for p in model.parameters() if id(p) not in decayed]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adapter = getattr(model, "picture_adapter", None)
+    encoder = {id(p) for p in adapter.encoder.parameters()} if adapter is not None else set()
+    groups = []
+    for in_encoder, scale in ((False, 1.0), (True, encoder_lr_scale)):
+        trained = [p for p in model.parameters() if p.requires_grad and (id(p) in encoder) == in_encoder]
+        for decay in (True, False):
+            params = [p for p in trained if (id(p) in decayed) == decay]
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale})
+    if not groups:
+        raise ValueError("every parameter is frozen: nothing to train")
+    return groups
+
+
+def freeze_for_stage(model: UnifiedTransformer, config: UnifiedConfig) -> None:
+    """Staged training: with train.freeze_lm only the picture adapter's MLP trains (stage 1); the image encoder
+    trains only with train.encoder_lr_scale > 0."""
+    train = config.train
+    if train.freeze_lm:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith("picture_adapter.adapter."))
+    if model.picture_adapter is not None and train.encoder_lr_scale == 0:
+        model.picture_adapter.encoder.requires_grad_(False)
+
+
+def check_pictures(model: UnifiedTransformer, dataset: PackedDataset) -> None:
+    """A continuous-path dataset holds `placeholders` <image> tokens per picture: the model's encoder and pooling
+    must give exactly that many features at the dataset's picture size."""
+    pictures = dataset.pictures
+    if not pictures:
+        return
+    if model.picture_adapter is None:
+        raise ValueError(f"{dataset.root} holds continuous pictures (prepared with --encoder); set "
+                         "train.encoder_run (or train.init_from a run with a picture adapter)")
+    features = model.picture_adapter.placeholders(pictures["image_size"])
+    if features != pictures["placeholders"]:
+        raise ValueError(f"{dataset.root}: {pictures['placeholders']} <image> placeholders per picture, but the "
+                         f"model's encoder and model.picture.pool={model.picture_adapter.pool} give {features} "
+                         f"features at {pictures['image_size']} px; prepare the data with the same encoder and pool")
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -186,12 +225,17 @@ class Trainer:
             if config.model.tied_embeddings:  # the output head uses the embedding outside the embedding's forward
                 deepspeed.zero.register_external_parameter(model.lm_head, model.embed.weight)
         else:
-            model = untrained_model(config)  # seeded: identical initial weights on every rank
+            model = untrained_model(config)  # seeded: identical initial weights on every rank (+ init_from)
+        if self.zero_stage == 3 and (config.train.init_from or config.train.encoder_run):
+            raise ValueError("train.init_from / train.encoder_run load whole weights: use ZeRO stage 0-2")
+        freeze_for_stage(model, config)
+        check_pictures(model, dataset)
         self.flops_per_token = model.flops_per_token(dataset.seq_len)
         self.num_parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         train = config.train
-        optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr,
-                                      betas=(train.beta1, train.beta2), eps=train.eps)
+        groups = parameter_groups(model, train.weight_decay, train.lr, train.encoder_lr_scale)
+        self.trainable_parameters = sum(p.numel() for group in groups for p in group["params"])
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
 
         def scheduler(wrapped_optimizer):  # built on DeepSpeed's wrapper: ZeRO-3 regroups the parameters
             return torch.optim.lr_scheduler.LambdaLR(wrapped_optimizer, lambda step: learning_rate_factor(step, config))
@@ -200,6 +244,18 @@ class Trainer:
                                                     config=self.ds_config)
         self.step = 0
         self.peak_flops = peak_flops(self.device)
+
+    @property
+    def image_grids(self) -> dict[str, int]:
+        """Picture grids the model learned to draw: this dataset's, else (continuous-path data holds no codes)
+        those of the run it started from, so a stage-2 model can still draw and read codes."""
+        grids = self.dataset.info.get("image_grids") or {}
+        if not grids and self.config.train.init_from:
+            from .checkpoint import resolve_run
+
+            meta = resolve_run(self.config.train.init_from) / "meta.json"
+            grids = json.loads(meta.read_text()).get("image_grids") or {}
+        return grids
 
     @property
     def data_order(self) -> dict:
@@ -240,8 +296,7 @@ class Trainer:
         if self.rank == 0:
             meta = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "zero_stage": self.zero_stage,
                     "world_size": self.world_size, "dataset": str(self.dataset.root.resolve()),
-                    "vocab_fingerprint": self.dataset.vocab.fingerprint,
-                    "image_grids": self.dataset.info.get("image_grids", {})}
+                    "vocab_fingerprint": self.dataset.vocab.fingerprint, "image_grids": self.image_grids}
             write_model_files(directory, state, self.config, self.dataset.vocab, meta)
             atomic_write_text(self.out / "latest", tag + "\n")
             self._prune()
