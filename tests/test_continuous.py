@@ -239,3 +239,14 @@ def test_prepare_cli_takes_the_placeholder_count_from_the_encoder(lm_data, encod
     assert info["pictures"]["placeholders"] == 4 and info["kinds"] == ["qa"]
     assert main(arguments[:-2] + ["--kinds", "no_such_kind"]) == 2
     assert "no documents of kind ['no_such_kind']" in capsys.readouterr().err
+
+
+def test_a_bf16_model_takes_fp32_pixels(lm_data):
+    """DeepSpeed's bf16 engine casts the model, not the batch: the picture path casts the pixels itself."""
+    model = tiny_picture_model(lm_data.vocab).to(torch.bfloat16).eval()
+    slots = torch.full((1, 20), -1)
+    slots[0, 2:18] = torch.arange(PLACEHOLDERS)
+    tokens = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        logits = model(tokens, picture_slots=slots, pixels=torch.rand(1, 3, 32, 32) * 2 - 1).logits
+    assert torch.isfinite(logits).all()
