@@ -1,6 +1,6 @@
 """The whole loop on the embedded default data, measured: tokenizer -> tokens -> unified model -> samples -> report.
 
-    bash scripts/quickstart.sh                               # = setup + python scripts/quickstart.py (CPU, ~12 min)
+    bash scripts/quickstart.sh                               # = setup + python scripts/quickstart.py (CPU, ~22 min)
     python scripts/quickstart.py --preset cpu-long           # the same loop with a longer CPU budget
     python scripts/quickstart.py --preset gpu                # the same loop, scaled up for one or more GPUs
     python scripts/quickstart.py --redo lm                   # redo the unified model and every stage after it
