@@ -296,7 +296,9 @@ class Trainer:
         if self.rank == 0:
             meta = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "zero_stage": self.zero_stage,
                     "world_size": self.world_size, "dataset": str(self.dataset.root.resolve()),
-                    "vocab_fingerprint": self.dataset.vocab.fingerprint, "image_grids": self.image_grids}
+                    "vocab_fingerprint": self.dataset.vocab.fingerprint, "image_grids": self.image_grids,
+                    # parameters in the optimizer (the rest is frozen and has no optimizer state)
+                    "trainable_parameters": self.trainable_parameters}
             write_model_files(directory, state, self.config, self.dataset.vocab, meta)
             atomic_write_text(self.out / "latest", tag + "\n")
             self._prune()
