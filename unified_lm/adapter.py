@@ -39,7 +39,9 @@ class PictureAdapter(nn.Module):
         return (grid // self.pool) ** 2
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (M, 3, S, S) in [-1, 1] -> (M, placeholders, dim) embeddings, in raster order of the grid."""
+        """pixels (M, 3, S, S) in [-1, 1] -> (M, placeholders, dim) embeddings, in raster order of the grid.
+        The pixels take the encoder's dtype: a bf16 engine casts the model, not the batch."""
+        pixels = pixels.to(self.encoder.patchify.weight.dtype)
         patches = self.encoder(pixels).patches  # (M, P, width)
         if self.pool > 1:
             count, number, width = patches.shape

@@ -297,8 +297,7 @@ class UnifiedTransformer(nn.Module):
         if self.picture_adapter is None:
             raise ValueError("the batch holds continuous pictures, but the model has no picture encoder "
                              "(set train.encoder_run, or load a checkpoint trained with one)")
-        dtype = self.picture_adapter.encoder.patchify.weight.dtype
-        features = self.picture_adapter(pixels.to(dtype))  # (M, placeholders, dim); bf16 models take bf16 pixels
+        features = self.picture_adapter(pixels)  # (M, placeholders, dim)
         splice_mask = picture_slots >= 0
         return splice_mask, features.reshape(-1, features.shape[-1])[picture_slots[splice_mask]]
 

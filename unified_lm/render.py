@@ -150,7 +150,7 @@ def write_documents(out: str | os.PathLike, documents: list[SampledDocument], to
     if flat and tokenizer is None:
         raise ValueError("these documents hold pictures; give the vqtok tokenizer (--tokenizer) to decode them")
     pictures = iter(decode_pictures(flat, tokenizer) if flat else [])
-    for item, group in zip(items, codes):
+    for item in items:  # every prompt picture first: `flat` lists them before the generated ones
         item.prompt_pictures = [s.pixels if s.pixels is not None else next(pictures)
                                 for s in item.document.prompt if s.kind == "image"]
     for item, group in zip(items, codes):
