@@ -93,6 +93,21 @@ _DQ_CONFIGS = _configs(64, 32, [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3)
 _DELTA_BLOCK = 64
 
 
+def _prune_for_fp32(configs, named_args, **kwargs):
+    """Autotune pruning for fp32 inputs: keep the 64 x 64 configs, plus a 2-stage one whose k/v buffers fit shared
+    memory at head dim 128 (2 x 64 x 128 x 4 B x 2 stages = 128 KB). fp32 IEEE dots are FMA loops, not tensor-core
+    instructions (TF32 would cost ~1e-3): bigger fp32 tiles hold twice the registers of bf16 ones, and every
+    config is a long compile (on an H100 the fp32 head-dim-128 test did not finish in 250 s).
+    fp16/bf16 keep every config."""
+    if named_args["Q"].dtype != torch.float32:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64]
+    return small + [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+
+
+_PRUNE = {"early_config_prune": _prune_for_fp32}
+
+
 @triton.jit
 def _load_rows(base, row_stride, rows, seq_len, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """(len(rows), HEAD_DIM) tile of a (T, HEAD_DIM) matrix; rows at or past seq_len read as 0."""
@@ -151,7 +166,7 @@ def _query_block_range(doc_end_row, block_first_key, seq_len, BLOCK_M: tl.conste
     return lo, hi
 
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=["HEAD_DIM", "seq_len"])
+@triton.autotune(configs=_FORWARD_CONFIGS, key=["HEAD_DIM", "seq_len"], prune_configs_by=_PRUNE)
 @triton.jit
 def _forward_kernel(Q, K, V, OUT, LSE, DOC_START,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -218,7 +233,7 @@ def _probs_and_score_grads(q, k, v, grad_out, lse, delta, allowed, qk_scale, DOT
     return p, p * (grad_p - delta[:, None])
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["HEAD_DIM", "seq_len"])
+@triton.autotune(configs=_DKDV_CONFIGS, key=["HEAD_DIM", "seq_len"], prune_configs_by=_PRUNE)
 @triton.jit
 def _dkdv_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, DOC_START, DOC_END, DK, DV,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -260,7 +275,7 @@ def _dkdv_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, DOC_START, DOC_END, DK, DV,
     _store_rows(DV + batch * stride_dvb + kv_head * stride_dvh, stride_dvt, keys, seq_len, dv, HEAD_DIM)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["HEAD_DIM", "seq_len"])
+@triton.autotune(configs=_DQ_CONFIGS, key=["HEAD_DIM", "seq_len"], prune_configs_by=_PRUNE)
 @triton.jit
 def _dq_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, DOC_START, DQ,
                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,

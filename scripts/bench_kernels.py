@@ -73,9 +73,12 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def peak_extra_mb(self, function) -> float | None:
-        """Peak allocated memory during one call, above what was allocated before it (CUDA only)."""
+        """Peak allocated memory during one call, above what was allocated before it (CUDA only). One untimed
+        call first: a Triton kernel's first call autotunes, and the autotuner's benchmark allocates a 256 MB
+        cache-flush buffer that is not the kernel's memory."""
         if self.device.type != "cuda":
             return None
+        function()
         self.sync()
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
