@@ -15,6 +15,10 @@
     unified-lm encoder eval --encoder RUN --world DIR [--split heldout]   zero-shot accuracies, one JSON line
     unified-lm understand --discrete NAME=RUN --continuous NAME=RUN [...] --world DIR --tokenizer VQRUN --out DIR
                        -> DIR/understanding.json, DIR/understanding.md (questions and captions, both picture paths)
+    unified-lm import-chameleon HF_DIR OUT [--meta-vqgan vqgan.ckpt] [--dtype keep|float32|bfloat16]
+                       a transformers Chameleon/Anole checkpoint -> OUT (unified_lm checkpoint, OUT/tokenizer)
+    unified-lm export-chameleon RUN OUT [--tokenizer VQRUN] [--dtype keep|float32|bfloat16]
+                       a unified_lm run -> OUT, which ChameleonForConditionalGeneration.from_pretrained loads
 
 Training is `deepspeed scripts/train_unified.py` (see its --help).
 Exit status: 0 success, 2 bad arguments, configuration or input (the message names the file or field).
@@ -134,6 +138,8 @@ def cmd_sample(args) -> int:
     loaded = load_model(args.ckpt, args.device, dtype)
     grid = image_grid_of(loaded, args.image_grid)
     tokenizer = None
+    if not args.tokenizer and loaded.meta.get("tokenizer_path"):  # an imported checkpoint carries its tokenizer
+        args.tokenizer = str(loaded.directory / loaded.meta["tokenizer_path"])
     if args.tokenizer:
         from vqtok.checkpoint import load_tokenizer
 
@@ -303,6 +309,21 @@ def cmd_understand(args) -> int:
     return 0
 
 
+def cmd_chameleon(args) -> int:
+    """import-chameleon and export-chameleon (unified_lm.chameleon)."""
+    import torch
+
+    from .chameleon import export_chameleon, import_chameleon
+
+    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+    if args.command == "import-chameleon":
+        out = import_chameleon(args.source, args.out, args.meta_vqgan, dtype)
+        print(json.dumps({"out": str(out), "tokenizer": str(out / "tokenizer")}))
+    else:
+        print(json.dumps({"out": str(export_chameleon(args.source, args.out, args.tokenizer, dtype))}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unified-lm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -451,6 +472,25 @@ def build_parser() -> argparse.ArgumentParser:
     understand.add_argument("--seed", type=int, default=0)
     understand.add_argument("--device", default="cpu")
     understand.set_defaults(run=cmd_understand)
+
+    for name, help_text, source in (
+            ("import-chameleon", "convert a transformers Chameleon/Anole checkpoint (config.json + safetensors + "
+             "tokenizer.json) into a unified_lm checkpoint with its tokenizer in OUT/tokenizer",
+             "the checkpoint directory (as from huggingface, e.g. chameleon-7b)"),
+            ("export-chameleon", "write a unified_lm run as a directory ChameleonForConditionalGeneration loads",
+             "unified_lm run or checkpoint directory")):
+        chameleon = commands.add_parser(name, help=help_text)
+        chameleon.add_argument("source", help=source)
+        chameleon.add_argument("out", help="output directory")
+        chameleon.add_argument("--dtype", choices=("keep", "float32", "bfloat16"), default="keep",
+                               help="cast the weights (default: keep the source's)")
+        if name == "import-chameleon":
+            chameleon.add_argument("--meta-vqgan", help="Meta's VQGAN weights (vqgan.ckpt or .safetensors): adds "
+                                   "the picture decoder transformers' checkpoint lacks")
+        else:
+            chameleon.add_argument("--tokenizer", help="vqtok run whose encoder and codebook go under "
+                                   "model.vqmodel (default: an imported checkpoint's own)")
+        chameleon.set_defaults(run=cmd_chameleon)
     return parser
 
 

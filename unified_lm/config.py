@@ -39,6 +39,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     qk_norm: bool = True  # Chameleon: LayerNorm over head_dim on q and k, before RoPE
+    qk_norm_eps: float = 0.0  # the QK LayerNorm's eps; 0 = norm_eps (transformers' Chameleon: always 1e-5)
     norm_reordering: bool = False  # Chameleon-34B: h = x + norm(attn(x)); out = h + norm(ffn(h))
     dropout: float = 0.0  # residual and attention dropout (Chameleon-7B: 0.1)
     tied_embeddings: bool = False

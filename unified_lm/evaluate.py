@@ -224,7 +224,7 @@ class Evaluator:
     def image_to_text(self, pictures: list[tuple[Path, str, Scene]]) -> tuple[TaskResult, TaskResult]:
         codes = self.encode([path for path, _, _ in pictures])
         documents = self.generate([Prompt([c, CAPTION_PREFIX.strip()]) for c in codes], "understanding", 128)
-        captions = [self.vocab.decode_text([t for t in d.tokens if t in self.vocab.text_range]).strip()
+        captions = [self.vocab.decode_text([t for t in d.tokens if self.vocab.is_text(t)]).strip()
                     for d in documents]
         scenes = [scene for _, _, scene in pictures]
         scores = [score_caption(c, s) for c, s in zip(captions, scenes)]
@@ -236,7 +236,7 @@ class Evaluator:
     def qa(self, questions: list[tuple[Path, str, str, str]]) -> tuple[TaskResult, TaskResult]:
         codes = self.encode([path for path, _, _, _ in questions])
         documents = self.generate([Prompt([c, q]) for c, (_, q, _, _) in zip(codes, questions)], "understanding", 16)
-        answers = [first_sentence(self.vocab.decode_text([t for t in d.tokens if t in self.vocab.text_range]))
+        answers = [first_sentence(self.vocab.decode_text([t for t in d.tokens if self.vocab.is_text(t)]))
                    for d in documents]
         right = [float(a == truth) for a, (_, _, truth, _) in zip(answers, questions)]
         kinds = [kind for _, _, _, kind in questions]
@@ -380,7 +380,7 @@ def evaluate(loaded, tokenizer, world: str | os.PathLike, out: str | os.PathLike
         if texts:
             results.setdefault("text", {})[name] = timed("text", evaluator.text_perplexity, texts).metrics
     if texts:
-        results["text"]["chance"] = {"perplexity": float(len(loaded.vocab.text_range) + 1),
+        results["text"]["chance"] = {"perplexity": float(loaded.vocab.text_size + 1),
                                      "note": "uniform over the text pieces and <eos>"}
     log("[eval] tokenizer: held-out photos and world pictures")
     world_pictures = [(path, scene) for path, _, scene in tasks.pictures]

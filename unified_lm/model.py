@@ -168,8 +168,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.o_proj.residual_projection = True  # depth-scaled init (see UnifiedTransformer._init_weights)
-        self.q_norm = HeadLayerNorm(config.n_heads, config.head_dim, config.norm_eps) if config.qk_norm else None
-        self.k_norm = HeadLayerNorm(config.n_kv_heads, config.head_dim, config.norm_eps) if config.qk_norm else None
+        qk_eps = config.qk_norm_eps or config.norm_eps
+        self.q_norm = HeadLayerNorm(config.n_heads, config.head_dim, qk_eps) if config.qk_norm else None
+        self.k_norm = HeadLayerNorm(config.n_kv_heads, config.head_dim, qk_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin, document_ids, stats: dict | None = None, cache: LayerCache | None = None):

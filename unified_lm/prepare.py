@@ -101,7 +101,8 @@ class ImageCodes:
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start : start + batch_size]
                 try:
-                    pixels = torch.stack([to_tensor(preprocess(load_rgb(p), resolution)) for p in chunk])
+                    pixels = torch.stack([to_tensor(preprocess(load_rgb(p), resolution, model.config.model.resample))
+                                          for p in chunk])
                 except BadImageError as err:
                     raise ValueError(f"{missing[Path(err.path)]}: cannot encode image {err.path}: {err.reason}") from None
                 with torch.no_grad():

@@ -70,7 +70,8 @@ def encode_pictures(paths: list[Path], tokenizer, grid: tuple[int, int] | None,
     codes = {}
     for start in range(0, len(unique), batch_size):
         chunk = unique[start : start + batch_size]
-        pixels = torch.stack([to_tensor(preprocess(load_rgb(p), resolution)) for p in chunk]).to(device)
+        resample = tokenizer.config.model.resample  # Chameleon's tokenizer: Lanczos both ways
+        pixels = torch.stack([to_tensor(preprocess(load_rgb(p), resolution, resample)) for p in chunk]).to(device)
         with torch.no_grad():
             codes.update(zip(chunk, tokenizer.encode(pixels).cpu().numpy()))
     return codes

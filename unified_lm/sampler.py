@@ -164,12 +164,12 @@ class _DocumentBuilder:
         elif token == special.eoi:
             self._emit(kind="token", token=token, modality="image")
             self._close_image()
-        elif self.image_tokens is not None and vocab.image_offset <= token < vocab.size:
+        elif self.image_tokens is not None and vocab.is_image(token):
             self.image_tokens.append(token)
             self._emit(kind="token", token=token, modality="image")
         elif self.image_tokens is not None and token == special.image:  # a continuous picture's placeholder
             self.continuous = True
-        elif 0 <= token < vocab.text_size:
+        elif vocab.is_text(token):
             self.text_tokens.append(token)
             text = vocab.decode_text(self.text_tokens)
             added, self.text_so_far = text[len(self.text_so_far):] if text.startswith(self.text_so_far) else text, text
@@ -195,7 +195,7 @@ class _DocumentBuilder:
             self.continuous = False
             self.segments.append(Segment("image"))
             return
-        codes = np.asarray(tokens, dtype=np.int64) - self.vocab.image_offset
+        codes = self.vocab.image_codes(np.asarray(tokens, dtype=np.int64))
         if self.grid is not None and codes.size == self.grid[0] * self.grid[1]:
             codes = codes.reshape(self.grid)
         else:
@@ -228,11 +228,11 @@ class Sampler:
         self.compile = compile
         self.stats = SamplerStats()
         special = vocab.special
-        text = torch.zeros(vocab.size, dtype=torch.bool)
-        text[1 : vocab.text_size] = True  # id 0 is sentencepiece's <unk>: byte fallback never needs it
+        text = torch.from_numpy(vocab.text_mask)
+        if vocab.text.kind == "sentencepiece":
+            text[0] = False  # sentencepiece's <unk>: byte fallback never needs it
         text[special.eos] = True
-        picture = torch.zeros(vocab.size, dtype=torch.bool)
-        picture[vocab.image_offset :] = True
+        picture = torch.from_numpy(vocab.image_mask)
         only_eoi = torch.zeros(vocab.size, dtype=torch.bool)
         only_eoi[special.eoi] = True
         text_or_picture = text.clone()
@@ -379,7 +379,7 @@ class Sampler:
         if penalise:
             seen = torch.zeros(batch, vocab.size, dtype=torch.bool, device=self.device)
             for row, ids in enumerate(full):
-                text_ids = [t for t in ids if t < vocab.text_size]
+                text_ids = [t for t in ids if vocab.is_text(t)]
                 seen[row, text_ids] = True
 
         start = time.perf_counter()
@@ -424,7 +424,7 @@ class Sampler:
                     in_image[row] = False
                 elif in_image[row]:
                     image_filled[row] += 1
-                elif penalise and token < vocab.text_size:
+                elif penalise and vocab.is_text(token):
                     seen[row, token] = True
                 if token == special.eos:
                     finish[row] = "eos"

@@ -1,15 +1,20 @@
-"""The joint vocabulary: sentencepiece BPE text pieces + special tokens + one token per image code.
+"""The joint vocabulary: text pieces + special tokens + one token per image code.
 
-Id layout (one contiguous range per role, recorded in `vocab.json` and copied into every checkpoint):
+Native layout (format unified-lm-vocab/1, what `unified-lm vocab` builds; one contiguous range per role):
 
     [0, text_size)                               sentencepiece pieces (id 0 is sentencepiece's <unk>; bytes fall
                                                  back to <0x..> pieces, so any string encodes)
     [text_size, text_size + 6)                   specials, in this order: <bos> <eos> <pad> <boi> <eoi> <image>
     [image_offset, image_offset + codebook_size) image codes: token = image_offset + code
 
+Converted layout (format unified-lm-vocab/2, written by `unified-lm import-chameleon`): a checkpoint's own ids.
+The text model is a Hugging Face `tokenizer.json`; each role's ids are listed explicitly (image code -> id table,
+the ids of the six specials, the ranges of text ids), so a Chameleon / Anole checkpoint keeps every id it was
+trained with. Nothing below assumes an offset: every caller goes through `is_image`, `is_text`, `image_ids`,
+`image_codes` and the masks.
+
 `<boi>`/`<eoi>` bracket the `grid_h * grid_w` codes of one picture (raster order). `<image>` is the placeholder
 where the continuous encoder-adapter path splices in embeddings; it is never a training target.
-Image tokens follow the text pieces, so a text-only model can grow a codebook later without renumbering text.
 
 A vocabulary is built for one image tokenizer: `check_tokenizer` refuses a vqtok checkpoint or token store whose
 codebook size differs (the ids would silently address the wrong codes).
@@ -29,8 +34,10 @@ import numpy as np
 import sentencepiece as spm
 
 FORMAT = "unified-lm-vocab/1"
+CONVERTED_FORMAT = "unified-lm-vocab/2"
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<boi>", "<eoi>", "<image>")
 TEXT_MODEL_FILE = "text.model"
+TOKENIZER_JSON_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.json"
 
 
@@ -44,29 +51,131 @@ class SpecialIds:
     image: int  # continuous-path placeholder
 
 
-class Vocabulary:
-    """Maps text and image codes to model ids and back. Build with `Vocabulary.load(dir)` or `build_vocabulary`."""
+class TextModel:
+    """The text half of a vocabulary: a sentencepiece model (`text.model`, native) or a Hugging Face
+    tokenizers file (`tokenizer.json`, converted checkpoints). `size` counts the ids it knows."""
 
-    def __init__(self, text_model: bytes, codebook_size: int, tokenizer: dict | None = None):
+    def __init__(self, data: bytes, kind: str = "sentencepiece"):
+        self.data, self.kind = data, kind
+        if kind == "sentencepiece":
+            self._sp = spm.SentencePieceProcessor(model_proto=data)
+            self.size = self._sp.get_piece_size()
+        elif kind == "tokenizers":
+            from tokenizers import Tokenizer  # the reference reader of tokenizer.json (pip install tokenizers)
+
+            self._hf = Tokenizer.from_str(data.decode("utf-8"))
+            self.size = self._hf.get_vocab_size(with_added_tokens=True)
+        else:
+            raise ValueError(f"unknown text model kind {kind!r} (sentencepiece or tokenizers)")
+
+    @property
+    def file_name(self) -> str:
+        return TEXT_MODEL_FILE if self.kind == "sentencepiece" else TOKENIZER_JSON_FILE
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "sentencepiece":
+            return self._sp.encode(text)
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "sentencepiece":
+            return self._sp.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def piece(self, token: int) -> str:
+        return self._sp.id_to_piece(token) if self.kind == "sentencepiece" else self._hf.id_to_token(token)
+
+    def piece_ids(self) -> dict[str, int]:
+        """Every piece name -> its id (tokenizers: added tokens included)."""
+        if self.kind == "sentencepiece":
+            return {self._sp.id_to_piece(i): i for i in range(self.size)}
+        return self._hf.get_vocab(with_added_tokens=True)
+
+
+def _ranges(ids: np.ndarray) -> list[list[int]]:
+    """Sorted unique ids -> [[start, end), ...] runs (compact JSON for tens of thousands of ids)."""
+    if ids.size == 0:
+        return []
+    runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
+    return [[int(run[0]), int(run[-1]) + 1] for run in runs]
+
+
+class Vocabulary:
+    """Maps text and image codes to model ids and back. Build with `Vocabulary.load(dir)`, `build_vocabulary`
+    (native layout) or `Vocabulary.converted` (a checkpoint's own ids)."""
+
+    def __init__(self, text_model: bytes, codebook_size: int, tokenizer: dict | None = None,
+                 text_kind: str = "sentencepiece", layout: dict | None = None):
         if codebook_size <= 0:
             raise ValueError(f"codebook_size must be positive, got {codebook_size}")
         self._text_model = text_model
-        self.sp = spm.SentencePieceProcessor(model_proto=text_model)
-        self.text_size = self.sp.get_piece_size()
+        self.text = TextModel(text_model, text_kind)
         self.codebook_size = int(codebook_size)
         self.tokenizer = dict(tokenizer or {})  # identity of the vqtok tokenizer the codes come from
-        base = self.text_size
-        self.special = SpecialIds(*(base + i for i in range(len(SPECIAL_TOKENS))))
-        self.image_offset = base + len(SPECIAL_TOKENS)
-        self.size = self.image_offset + self.codebook_size
+        self.layout = layout
+        if layout is None:  # native: text pieces, then specials, then image codes
+            base = self.text.size
+            self.special = SpecialIds(*(base + i for i in range(len(SPECIAL_TOKENS))))
+            self.size = base + len(SPECIAL_TOKENS) + self.codebook_size
+            image_token_ids = np.arange(base + len(SPECIAL_TOKENS), self.size, dtype=np.int64)
+            text_ids = np.arange(base, dtype=np.int64)
+        else:
+            self.size = int(layout["size"])
+            self.special = SpecialIds(*(int(layout["special"][name]) for name in SPECIAL_TOKENS))
+            image_token_ids = np.asarray(layout["image_token_ids"], dtype=np.int64)
+            text_ids = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in layout["text_ranges"]] or
+                                      [np.zeros(0, dtype=np.int64)])
+            self._check_layout(image_token_ids, text_ids)
+        self.text_size = int(text_ids.size)  # number of text ids (native: they are [0, text_size))
+        self.image_token_ids = image_token_ids  # (codebook_size,) code -> id
+        self._code_of_id = np.full(self.size, -1, dtype=np.int64)
+        self._code_of_id[image_token_ids] = np.arange(self.codebook_size)
+        self._text = np.zeros(self.size, dtype=bool)
+        self._text[text_ids] = True
+        lo, hi = int(image_token_ids.min()), int(image_token_ids.max()) + 1
+        # the image ids as one block [lo, hi): range tests then work on ints, numpy arrays and tensors alike
+        self._image_block = (lo, hi) if hi - lo == self.codebook_size else None
+        self._tables: dict = {}
+
+    def _check_layout(self, image_token_ids: np.ndarray, text_ids: np.ndarray) -> None:
+        where = "vocabulary layout"
+        if image_token_ids.shape != (self.codebook_size,):
+            raise ValueError(f"{where}: image_token_ids has {image_token_ids.size} entries for codebook_size "
+                             f"{self.codebook_size}")
+        every = np.concatenate([image_token_ids, text_ids, np.asarray(list(vars(self.special).values()))])
+        if every.size and (every.min() < 0 or every.max() >= self.size):
+            raise ValueError(f"{where}: ids must lie in [0, {self.size})")
+        if np.unique(every).size != every.size:
+            raise ValueError(f"{where}: an id is used by two roles (image code, text, special)")
+
+    @classmethod
+    def converted(cls, text_model: bytes, text_kind: str, size: int, special: dict[str, int],
+                  image_token_ids: Sequence[int], text_ids: Sequence[int], tokenizer: dict | None = None) -> Vocabulary:
+        """A checkpoint's own layout: `special` maps each of SPECIAL_TOKENS to its id, `image_token_ids[code]`
+        is the id of image code `code`, `text_ids` the ids the text model may produce."""
+        missing = [name for name in SPECIAL_TOKENS if name not in special]
+        if missing:
+            raise ValueError(f"vocabulary layout: no id for special token(s) {missing}")
+        layout = {"size": int(size), "special": {name: int(special[name]) for name in SPECIAL_TOKENS},
+                  "image_token_ids": [int(i) for i in image_token_ids],
+                  "text_ranges": _ranges(np.unique(np.asarray(list(text_ids), dtype=np.int64)))}
+        return cls(text_model, len(layout["image_token_ids"]), tokenizer, text_kind, layout)
 
     # -- text ---------------------------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return self.text.encode(text)
 
     def decode_text(self, ids: Sequence[int]) -> str:
         """Text pieces only; specials and image ids are dropped."""
-        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.text_size])
+        return self.text.decode([int(i) for i in ids if 0 <= int(i) < self.size and self._text[int(i)]])
+
+    def is_text(self, token: int) -> bool:
+        return 0 <= int(token) < self.size and bool(self._text[int(token)])
+
+    @property
+    def text_mask(self) -> np.ndarray:
+        """(size,) bool: the ids text sampling may produce."""
+        return self._text.copy()
 
     # -- images -------------------------------------------------------------------------------------------------
     def image_ids(self, codes: np.ndarray) -> np.ndarray:
@@ -74,26 +183,52 @@ class Vocabulary:
         codes = np.asarray(codes, dtype=np.int64).reshape(-1)
         if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"image code out of range [0, {self.codebook_size}): min {codes.min()}, max {codes.max()}")
-        return np.concatenate([[self.special.boi], codes + self.image_offset, [self.special.eoi]]).astype(np.int64)
+        return np.concatenate([[self.special.boi], self.image_token_ids[codes], [self.special.eoi]]).astype(np.int64)
 
     def image_codes(self, ids: np.ndarray) -> np.ndarray:
         """Image ids (no brackets) -> codes; raises if any id is not an image id."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and not self.is_image(ids).all():
             raise ValueError("image_codes() got ids outside the image range")
-        return ids - self.image_offset
+        return self._code_of_id[ids]
 
     def is_image(self, ids):
-        """Works on numpy arrays and torch tensors alike (elementwise bool)."""
-        return (ids >= self.image_offset) & (ids < self.size)
+        """Works on ints, numpy arrays and torch tensors alike (elementwise bool)."""
+        if self._image_block is not None:
+            return (ids >= self._image_block[0]) & (ids < self._image_block[1])
+        if isinstance(ids, (int, np.integer)):
+            return 0 <= ids < self.size and bool(self._code_of_id[ids] >= 0)
+        if isinstance(ids, np.ndarray):
+            return self._code_of_id[ids] >= 0
+        table = self._tables.get(ids.device)
+        if table is None:
+            import torch
+
+            table = self._tables[ids.device] = torch.as_tensor(self._code_of_id >= 0, device=ids.device)
+        return table[ids]
 
     def in_picture(self, ids):
         """Image codes and the <boi>/<eoi> brackets around them: the image side of the per-modality losses."""
         return self.is_image(ids) | (ids == self.special.boi) | (ids == self.special.eoi)
 
     @property
+    def image_mask(self) -> np.ndarray:
+        """(size,) bool: the image-code ids."""
+        return self._code_of_id >= 0
+
+    @property
+    def image_offset(self) -> int:
+        """First image id of the native layout, where text and specials are exactly the ids below it (the text
+        tower of the contrastive encoder embeds those). Converted layouts have no such boundary."""
+        if self.layout is not None:
+            raise ValueError("this vocabulary keeps a converted checkpoint's own ids (image ids are not the last "
+                             f"{self.codebook_size}); the contrastive encoder's text tower needs a native vocabulary")
+        return self.size - self.codebook_size
+
+    @property
     def text_range(self) -> range:
-        return range(self.text_size)
+        """Native layout only: the text ids as one range (converted layouts: use is_text / text_mask)."""
+        return range(self.image_offset - len(SPECIAL_TOKENS))
 
     @property
     def image_range(self) -> range:
@@ -101,10 +236,15 @@ class Vocabulary:
 
     # -- identity and persistence -------------------------------------------------------------------------------
     def describe(self) -> dict:
-        return {"format": FORMAT, "size": self.size, "text_size": self.text_size,
-                "special": {name: getattr(self.special, name.strip("<>")) for name in SPECIAL_TOKENS},
-                "image_offset": self.image_offset, "codebook_size": self.codebook_size,
-                "text_model_sha256": hashlib.sha256(self._text_model).hexdigest(), "tokenizer": self.tokenizer}
+        digest = hashlib.sha256(self._text_model).hexdigest()
+        if self.layout is None:  # unchanged since format 1, so existing fingerprints stay valid
+            return {"format": FORMAT, "size": self.size, "text_size": self.text_size,
+                    "special": {name: getattr(self.special, name.strip("<>")) for name in SPECIAL_TOKENS},
+                    "image_offset": self.image_offset, "codebook_size": self.codebook_size,
+                    "text_model_sha256": digest, "tokenizer": self.tokenizer}
+        return {"format": CONVERTED_FORMAT, "size": self.size, "text_size": self.text_size,
+                "codebook_size": self.codebook_size, "text_kind": self.text.kind, "text_model_sha256": digest,
+                "tokenizer": self.tokenizer, "layout": self.layout}
 
     @property
     def fingerprint(self) -> str:
@@ -115,32 +255,40 @@ class Vocabulary:
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / TEXT_MODEL_FILE).write_bytes(self._text_model)
+        (directory / self.text.file_name).write_bytes(self._text_model)
         (directory / VOCAB_FILE).write_text(json.dumps(self.describe(), indent=2) + "\n")
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Vocabulary:
         directory = Path(directory)
-        info_path, model_path = directory / VOCAB_FILE, directory / TEXT_MODEL_FILE
-        for path in (info_path, model_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"vocabulary {directory}: missing {path.name} (make one with `unified-lm vocab`)")
+        info_path = directory / VOCAB_FILE
+        if not info_path.is_file():
+            raise FileNotFoundError(f"vocabulary {directory}: missing {VOCAB_FILE} (make one with `unified-lm vocab`)")
         try:
             info = json.loads(info_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{info_path}: invalid JSON ({err})") from None
-        if info.get("format") != FORMAT:
+        if info.get("format") not in (FORMAT, CONVERTED_FORMAT):
             raise ValueError(f"{info_path}: unsupported vocabulary format {info.get('format')!r}")
+        kind = info.get("text_kind", "sentencepiece")
+        model_path = directory / (TEXT_MODEL_FILE if kind == "sentencepiece" else TOKENIZER_JSON_FILE)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"vocabulary {directory}: missing {model_path.name}")
         try:
-            vocab = cls(model_path.read_bytes(), int(info["codebook_size"]), info.get("tokenizer"))
+            vocab = cls(model_path.read_bytes(), int(info["codebook_size"]), info.get("tokenizer"), kind,
+                        info.get("layout") if info["format"] == CONVERTED_FORMAT else None)
             consistent = vocab.describe()["text_model_sha256"] == info["text_model_sha256"] and vocab.size == info["size"]
         except KeyError as err:
             raise ValueError(f"{info_path}: missing field {err.args[0]!r}") from None
-        except RuntimeError as err:
-            raise ValueError(f"{model_path}: not a sentencepiece model ({err})") from None
+        except (RuntimeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{model_path}: not a {kind} text model ({err})") from None
+        except Exception as err:  # tokenizers raises a plain Exception for a malformed tokenizer.json
+            if kind != "tokenizers" or isinstance(err, (ValueError, OSError)):
+                raise
+            raise ValueError(f"{model_path}: not a tokenizers file ({err})") from None
         if not consistent:
-            raise ValueError(f"{directory}: {TEXT_MODEL_FILE} does not match {VOCAB_FILE} (sha256 or size differ)")
+            raise ValueError(f"{directory}: {model_path.name} does not match {VOCAB_FILE} (sha256 or size differ)")
         return vocab
 
     def check_tokenizer(self, tokenizer: dict, where: str) -> None:

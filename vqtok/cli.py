@@ -4,6 +4,8 @@
     vqtok encode IMAGES --ckpt RUN --out TOKENS
     vqtok decode TOKENS --ckpt RUN --out DIR
     vqtok eval   --ckpt RUN [--data DIR]
+    vqtok convert-chameleon --out RUN [--hf HF_DIR] [--meta vqgan.ckpt] [--resolution 512]
+                 Chameleon's tokenizer (transformers' ChameleonVQVAE and/or Meta's VQGAN with its decoder) -> RUN
 
 Multi-process: launch the same command under torchrun (`torchrun --nproc_per_node N -m vqtok.cli encode ...`)
 or the deepspeed launcher; each process takes its share.
@@ -160,7 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json-out", help="also write the metrics JSON here")
     evaluate.add_argument("--device")
     evaluate.set_defaults(func=cmd_eval)
+
+    convert = sub.add_parser("convert-chameleon", help="Chameleon's image tokenizer -> a vqtok checkpoint")
+    convert.add_argument("--hf", help="transformers Chameleon checkpoint directory (encoder + codebook)")
+    convert.add_argument("--meta", help="Meta's VQGAN weights, vqgan.ckpt or .safetensors (encoder, codebook, decoder)")
+    convert.add_argument("--resolution", type=int, help="picture side the tokenizer expects (default: the checkpoint's, 512)")
+    convert.add_argument("--out", required=True)
+    convert.set_defaults(func=cmd_convert_chameleon)
     return parser
+
+
+def cmd_convert_chameleon(args) -> int:
+    from .chameleon import convert
+
+    directory = convert(args.out, hf=args.hf, meta=args.meta, resolution=args.resolution)
+    print(json.dumps({"out": args.out, "checkpoint": str(directory)}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,11 @@ class ModelConfig:
     attention_at_lowest: bool = True  # self-attention block(s) at the lowest resolution
     dropout: float = 0.0
     num_groups: int = 32  # GroupNorm groups (capped by channel count)
+    # False: an encoder-only tokenizer (transformers' ChameleonVQVAE ships no decoder): it encodes, never draws
+    has_decoder: bool = True
+    # picture preprocessing: "auto" = bicubic when enlarging, Lanczos when shrinking; "lanczos" = Lanczos both
+    # ways (Chameleon's own preprocessing)
+    resample: str = "auto"
 
     @property
     def downsample_factor(self) -> int:
@@ -134,6 +139,8 @@ class VQConfig:
             problems.append(f"quantizer.codebook_dim={q.codebook_dim} must be positive")
         if not m.channel_multipliers:
             problems.append("model.channel_multipliers must not be empty")
+        if m.resample not in ("auto", "lanczos"):
+            problems.append(f"model.resample={m.resample!r} must be 'auto' or 'lanczos'")
         if t.batch_size < 1 or t.steps < 0:
             problems.append("train.batch_size must be >= 1 and train.steps >= 0")
         if problems:

@@ -39,15 +39,15 @@ class EncodeSummary:
 
 
 class _EncodeDataset(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], sources: list[str], resolution: int):
-        self.paths, self.sources, self.resolution = paths, sources, resolution
+    def __init__(self, paths: list[Path], sources: list[str], resolution: int, resample: str = "auto"):
+        self.paths, self.sources, self.resolution, self.resample = paths, sources, resolution, resample
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return self.sources[index], to_tensor(preprocess(load_rgb(self.paths[index]), self.resolution)), None
+            return self.sources[index], to_tensor(preprocess(load_rgb(self.paths[index]), self.resolution, self.resample)), None
         except BadImageError as err:
             return self.sources[index], None, err.reason
 
@@ -88,7 +88,7 @@ def encode_images(images: str | os.PathLike, ckpt: str | os.PathLike, out: str |
     todo = [(p, s) for p, s in zip(paths, sources) if s not in done]
     mine = todo[context.rank :: context.world_size]
     summary = EncodeSummary(skipped=len(paths) - len(todo), rank=context.rank)
-    dataset = _EncodeDataset([p for p, _ in mine], [s for _, s in mine], resolution)
+    dataset = _EncodeDataset([p for p, _ in mine], [s for _, s in mine], resolution, model.config.model.resample)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     bar = _Progress(len(mine), progress and context.is_main)
     try:

@@ -121,14 +121,15 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
         raise BadImageError(path, f"unreadable: {err}") from None
 
 
-def resize_shorter_side(image: np.ndarray, shorter: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> resized so min(H, W) == shorter (bicubic when enlarging, antialiased box-area when shrinking)."""
+def resize_shorter_side(image: np.ndarray, shorter: int, resample: str = "auto") -> np.ndarray:
+    """(H, W, 3) uint8 -> resized so min(H, W) == shorter. resample "auto": bicubic when enlarging, Lanczos
+    (antialiased) when shrinking; "lanczos": Lanczos both ways, as Chameleon's image tokenizer does."""
     height, width = image.shape[:2]
     scale = shorter / min(height, width)
     new_h, new_w = max(shorter, round(height * scale)), max(shorter, round(width * scale))
     if (new_h, new_w) == (height, width):
         return image
-    resample = Image.BICUBIC if scale > 1 else Image.LANCZOS
+    resample = Image.BICUBIC if scale > 1 and resample == "auto" else Image.LANCZOS
     return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
 
 
@@ -138,9 +139,10 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top : top + size, left : left + size]
 
 
-def preprocess(image: np.ndarray, resolution: int) -> np.ndarray:
-    """The tokenizer's view of an image: shorter side -> resolution, centre crop to resolution x resolution."""
-    return center_crop(resize_shorter_side(image, resolution), resolution)
+def preprocess(image: np.ndarray, resolution: int, resample: str = "auto") -> np.ndarray:
+    """The tokenizer's view of an image: shorter side -> resolution, centre crop to resolution x resolution
+    (`resample`: the tokenizer's model.resample)."""
+    return center_crop(resize_shorter_side(image, resolution, resample), resolution)
 
 
 def to_tensor(image: np.ndarray):

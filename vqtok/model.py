@@ -150,7 +150,7 @@ class VQModel(nn.Module):
         self.quant_conv = nn.Conv2d(model.z_channels, quant.embed_dim, 1)
         self.quantizer = VectorQuantizer(quant)
         self.post_quant_conv = nn.Conv2d(quant.embed_dim, model.z_channels, 1)
-        self.decoder = Decoder(model)
+        self.decoder = Decoder(model) if model.has_decoder else None
 
     @property
     def downsample_factor(self) -> int:
@@ -167,6 +167,10 @@ class VQModel(nn.Module):
         return VQOutput(self.decode_latents(quantized.quantized), quantized.indices, quantized.commitment_loss)
 
     def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            raise ValueError(f"tokenizer {self.config.name!r} has no decoder (converted from an encoder-only "
+                             "checkpoint such as transformers' ChameleonVQVAE): it encodes pictures but cannot draw "
+                             "them; convert Meta's VQGAN checkpoint (with its decoder) to decode")
         return self.decoder(self.post_quant_conv(quantized))
 
     @torch.no_grad()

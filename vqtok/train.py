@@ -53,6 +53,9 @@ class Trainer:
     def __init__(self, config: VQConfig, run_dir: str | Path, train_paths: list[Path] | list[ImageSource], sample_paths: list[Path],
                  context: DistributedContext = DistributedContext(), lpips_model: torch.nn.Module | None = None):
         self.config = config.validate()
+        if not config.model.has_decoder:
+            raise ValueError("model.has_decoder is False: an encoder-only tokenizer cannot be trained (training "
+                             "reconstructs pictures)")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.context = context
