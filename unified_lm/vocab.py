@@ -108,7 +108,6 @@ class Vocabulary:
                  text_kind: str = "sentencepiece", layout: dict | None = None):
         if codebook_size <= 0:
             raise ValueError(f"codebook_size must be positive, got {codebook_size}")
-        self._text_model = text_model
         self.text = TextModel(text_model, text_kind)
         self.codebook_size = int(codebook_size)
         self.tokenizer = dict(tokenizer or {})  # identity of the vqtok tokenizer the codes come from
@@ -225,18 +224,9 @@ class Vocabulary:
                              f"{self.codebook_size}); the contrastive encoder's text tower needs a native vocabulary")
         return self.size - self.codebook_size
 
-    @property
-    def text_range(self) -> range:
-        """Native layout only: the text ids as one range (converted layouts: use is_text / text_mask)."""
-        return range(self.image_offset - len(SPECIAL_TOKENS))
-
-    @property
-    def image_range(self) -> range:
-        return range(self.image_offset, self.size)
-
     # -- identity and persistence -------------------------------------------------------------------------------
     def describe(self) -> dict:
-        digest = hashlib.sha256(self._text_model).hexdigest()
+        digest = hashlib.sha256(self.text.data).hexdigest()
         if self.layout is None:  # unchanged since format 1, so existing fingerprints stay valid
             return {"format": FORMAT, "size": self.size, "text_size": self.text_size,
                     "special": {name: getattr(self.special, name.strip("<>")) for name in SPECIAL_TOKENS},
@@ -255,7 +245,7 @@ class Vocabulary:
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / self.text.file_name).write_bytes(self._text_model)
+        (directory / self.text.file_name).write_bytes(self.text.data)
         (directory / VOCAB_FILE).write_text(json.dumps(self.describe(), indent=2) + "\n")
         return directory
 
