@@ -18,7 +18,6 @@ to Chameleon's (shorter side to `resolution` with Lanczos, centre crop, alpha on
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, QuantizerConfig, VQConfig
+from .files import confined, load_tensors, read_json, tensor_shapes
 
 HF_PREFIX = "model.vqmodel."
 CODEBOOK = "quantizer.vq._codebook."
@@ -200,22 +200,29 @@ def from_vqtok(state: dict[str, torch.Tensor], config: VQConfig) -> dict[str, to
 def read_safetensors_dir(directory: Path, prefix: str = "", exclude: str | None = None) -> dict[str, torch.Tensor]:
     """Every tensor whose name starts with `prefix` (stripped) and not with `exclude`, from `model.safetensors`
     or the shards listed in `model.safetensors.index.json`; only the needed shards are opened."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({file for name, file in weight_map.items() if name.startswith(prefix)})
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map object")
+        files = sorted({confined(directory, file, f"{index} shard") for name, file in weight_map.items()
+                        if name.startswith(prefix)})
     elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        files = [directory / "model.safetensors"]
     else:
         raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     tensors = {}
-    for file in files:
-        with safe_open(str(directory / file), framework="pt") as handle:
-            for name in handle.keys():
-                if name.startswith(prefix) and not (exclude and name.startswith(exclude)):
-                    tensors[name[len(prefix):]] = handle.get_tensor(name)
+    for path in files:
+        tensor_shapes(path)  # names the file when it is missing, truncated or not safetensors
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    if name.startswith(prefix) and not (exclude and name.startswith(exclude)):
+                        tensors[name[len(prefix):]] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: unreadable safetensors data ({err})") from None
     return tensors
 
 
@@ -225,9 +232,7 @@ def read_meta_vqgan(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_tensors(path)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -259,7 +264,7 @@ def convert(out: str | os.PathLike, hf: str | os.PathLike | None = None, meta: s
         config_path = hf / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{hf}: missing config.json (a transformers Chameleon checkpoint directory)")
-        info = json.loads(config_path.read_text())
+        info = read_json(config_path)
         vq_config = info.get("vq_config", info if info.get("model_type") == "chameleon_vqgan" else None)
         if vq_config is None:
             raise ValueError(f"{config_path}: no vq_config (not a Chameleon checkpoint)")

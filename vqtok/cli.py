@@ -9,7 +9,8 @@
 
 Multi-process: launch the same command under torchrun (`torchrun --nproc_per_node N -m vqtok.cli encode ...`)
 or the deepspeed launcher; each process takes its share.
-Exit status: 0 success, 1 some input files could not be encoded (listed), 2 bad arguments or configuration.
+Exit status: 0 success, 1 some input files could not be encoded (listed), 2 bad arguments, configuration or input
+(one line naming the file or field; -v adds the traceback), including input that needs more memory than there is.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import json
 import logging
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 log = logging.getLogger("vqtok")
@@ -188,11 +190,26 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"vqtok {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, MemoryError, RuntimeError) as err:
+        print(f"vqtok {args.command}: error: {error_line(err)}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
         return 2
     finally:
         teardown_distributed()
+
+
+def error_line(err: BaseException) -> str:
+    """One line for a failure at the command boundary. Bad input is refused by checks that name the file or
+    field (ValueError, FileNotFoundError); MemoryError and RuntimeError (torch's allocator failures among them)
+    should no longer come from input, since sizes are checked before allocating, but still end in one line."""
+    if isinstance(err, MemoryError):
+        return f"out of memory ({err or 'MemoryError'}): the configuration or input asks for more than this machine has"
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, (ValueError, OSError, KeyError)):
+        return text
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(err).__name__}: {first}"
 
 
 if __name__ == "__main__":

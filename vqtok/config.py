@@ -10,8 +10,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from .typed_config import apply_overrides, build_dataclass, load_preset_or_file
+from .typed_config import apply_overrides, build_dataclass, load_preset_or_file, out_of_bounds
 
+# Sizes a config may ask for, checked before anything is built from it: a crafted checkpoint's config.json fails
+# here, not in the allocator (Chameleon's tokenizer: 512 px, 5 levels, codebook 8192 x 256).
+BOUNDS = {"model.resolution": (1, 8192), "model.in_channels": (1, 16), "model.base_channels": (1, 4096),
+          "model.channel_multipliers": (1, 64), "model.num_res_blocks": (0, 16), "model.z_channels": (1, 4096),
+          "model.num_groups": (1, 4096), "quantizer.codebook_size": (2, 1 << 20), "quantizer.embed_dim": (1, 4096),
+          "quantizer.codebook_dim": (1, 4096), "quantizer.kmeans_iters": (0, 1000), "loss.discriminator_layers": (0, 8),
+          "loss.discriminator_channels": (1, 4096), "train.crop_size": (1, 8192), "train.batch_size": (1, 1 << 16),
+          "train.usage_window": (1, 1 << 26), "train.num_workers": (0, 256)}
+MAX_LEVELS = 8  # len(model.channel_multipliers): 2^7 = 128x downsampling
 
 @dataclass
 class ModelConfig:
@@ -128,21 +137,22 @@ class VQConfig:
 
     def validate(self) -> VQConfig:
         m, q, t = self.model, self.quantizer, self.train
-        problems = []
+        problems = out_of_bounds(self, BOUNDS)
+        if not 1 <= len(m.channel_multipliers) <= MAX_LEVELS:
+            problems.append(f"model.channel_multipliers must hold 1 to {MAX_LEVELS} levels, got {len(m.channel_multipliers)}")
+        if problems:  # the checks below assume sizes in range
+            raise ValueError("invalid vqtok config: " + "; ".join(problems))
         if m.resolution % m.downsample_factor:
             problems.append(f"model.resolution={m.resolution} is not a multiple of the downsample factor {m.downsample_factor}")
         if t.crop_size % m.downsample_factor:
             problems.append(f"train.crop_size={t.crop_size} is not a multiple of the downsample factor {m.downsample_factor}")
-        if q.codebook_size < 2:
-            problems.append(f"quantizer.codebook_size={q.codebook_size} must be >= 2")
-        if q.codebook_dim is not None and q.codebook_dim < 1:
-            problems.append(f"quantizer.codebook_dim={q.codebook_dim} must be positive")
-        if not m.channel_multipliers:
-            problems.append("model.channel_multipliers must not be empty")
         if m.resample not in ("auto", "lanczos"):
             problems.append(f"model.resample={m.resample!r} must be 'auto' or 'lanczos'")
-        if t.batch_size < 1 or t.steps < 0:
-            problems.append("train.batch_size must be >= 1 and train.steps >= 0")
+        if t.steps < 0 or t.log_every < 1 or t.checkpoint_every < 1 or t.sample_every < 1 or t.keep_checkpoints < 1:
+            problems.append("train.steps must be >= 0; train.log_every, checkpoint_every, sample_every and "
+                            "keep_checkpoints >= 1")
+        if not (0 <= m.dropout < 1 and 0 < q.ema_decay < 1 and t.lr > 0):
+            problems.append("model.dropout must be in [0, 1), quantizer.ema_decay in (0, 1), train.lr > 0")
         if problems:
             raise ValueError("invalid vqtok config: " + "; ".join(problems))
         return self

@@ -17,11 +17,14 @@ import numpy as np
 import torch
 
 from .checkpoint import load_tokenizer
+from .config import BOUNDS
 from .distributed import DistributedContext, setup_distributed
+from .files import confined
 from .images import BadImageError, atomic_save_png, list_images, load_rgb, preprocess, to_tensor, to_uint8
 from .token_store import ShardWriter, TokenStore, encoded_sources, write_failures, write_manifest
 
 log = logging.getLogger(__name__)
+MAX_RESOLUTION = BOUNDS["model.resolution"][1]
 
 
 @dataclass
@@ -71,6 +74,8 @@ def encode_images(images: str | os.PathLike, ckpt: str | os.PathLike, out: str |
     start = time.perf_counter()
     model, meta = load_tokenizer(ckpt, context.device)
     resolution = resolution or model.config.model.resolution
+    if not 0 < resolution <= MAX_RESOLUTION:
+        raise ValueError(f"--resolution {resolution} must be in [1, {MAX_RESOLUTION}] pixels")
     if resolution % model.config.model.downsample_factor:
         raise ValueError(f"--resolution {resolution} must be a multiple of the tokenizer's downsampling factor "
                          f"{model.config.model.downsample_factor}")
@@ -155,14 +160,17 @@ def check_store_matches(store: TokenStore, meta: dict, ckpt: str | os.PathLike, 
 
 def decode_store(tokens: str | os.PathLike, ckpt: str | os.PathLike, out: str | os.PathLike, batch_size: int = 16,
                  device: str | None = None, allow_other_tokenizer: bool = False, progress: bool = True) -> int:
-    """Write one PNG per stored image (source path with .png); existing outputs are kept. Returns PNGs written."""
+    """Write one PNG per stored image (source path with .png); existing outputs are kept. Returns PNGs written.
+    Every output path is checked before the first is written: a source name leading out of `out` (absolute,
+    `..`, a symlink) is refused, naming the store and the name."""
     context = setup_distributed(device)
     store = TokenStore(tokens)
     model, meta = load_tokenizer(ckpt, context.device)
     check_store_matches(store, meta, ckpt, same_weights=not allow_other_tokenizer)
     out = Path(out)
-    pending = [i for i in range(len(store))[context.rank :: context.world_size]
-               if not (out / (str(Path(store.sources[i]).with_suffix("")) + ".png")).exists()]
+    targets = [confined(out, str(Path(source).with_suffix("")) + ".png", f"token store {store.root}: source")
+               for source in store.sources]
+    pending = [i for i in range(len(store))[context.rank :: context.world_size] if not targets[i].exists()]
     by_grid: dict[tuple[int, int], list[int]] = {}
     for index in pending:
         by_grid.setdefault(store[index].grid, []).append(index)
@@ -172,9 +180,13 @@ def decode_store(tokens: str | os.PathLike, ckpt: str | os.PathLike, out: str | 
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
             codes = torch.from_numpy(np.stack([store[i].tokens.astype(np.int64).reshape(grid) for i in chunk]))
+            if codes.numel() and int(codes.max()) >= model.codebook_size:
+                bad = next(i for i in chunk if int(store[i].tokens.max()) >= model.codebook_size)
+                raise ValueError(f"token store {store.root}: {store.sources[bad]!r} holds code "
+                                 f"{int(store[bad].tokens.max())}, outside the tokenizer's {model.codebook_size} codes")
             pictures = to_uint8(model.decode(codes.to(context.device)))
             for index, picture in zip(chunk, pictures):
-                atomic_save_png(picture, out / (str(Path(store.sources[index]).with_suffix("")) + ".png"))
+                atomic_save_png(picture, targets[index])
                 written += 1
             bar.update(len(chunk))
     bar.close()

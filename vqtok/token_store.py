@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text, confined, read_json
 
 FORMAT = "vqtok-tokens/1"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens = 256 MB of uint16 per shard
@@ -41,21 +41,31 @@ class TokenRecord:
 
 
 def _read_index(path: Path) -> tuple[list[dict], bool]:
-    """Complete JSON lines of an index file, and whether a torn final line was found."""
+    """Complete JSON lines of an index file, and whether a torn final line was found. A complete line that is
+    not an index row (source, h, w, offset) is damage, not an interruption: ValueError naming file and line."""
     if not path.exists():
         return [], False
     rows, torn = [], False
-    with open(path) as handle:
-        for line in handle:
-            if not line.endswith("\n"):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.endswith(b"\n"):
                 torn = True
                 break
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 torn = True
                 break
+            if not _is_index_row(row):
+                raise ValueError(f"{path}:{number}: not a token store index row (source, h, w, offset)")
+            rows.append(row)
     return rows, torn
+
+
+def _is_index_row(row) -> bool:
+    numbers = [row.get(key) for key in ("h", "w", "offset")] if isinstance(row, dict) else [None]
+    return (isinstance(row, dict) and isinstance(row.get("source"), str)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers))
 
 
 def _check_identity(root: Path, expected: dict) -> dict:
@@ -63,7 +73,7 @@ def _check_identity(root: Path, expected: dict) -> dict:
     if not path.exists():
         atomic_write_text(path, json.dumps(expected, indent=2))
         return expected
-    existing = json.loads(path.read_text())
+    existing = read_json(path, what="token store")
     for key in ("format", "dtype", "codebook_size", "tokenizer"):
         if existing.get(key) != expected.get(key):
             raise ValueError(f"{root} already holds tokens from a different tokenizer or format ({key}: "
@@ -153,7 +163,7 @@ def write_failures(root: str | os.PathLike, rank: int, failures: list[dict]) -> 
 def write_manifest(root: str | os.PathLike, world_size: int, extra: dict | None = None) -> dict:
     """Rank 0, after every rank finished: one manifest over all shards and this run's failures."""
     root = Path(root)
-    info = json.loads((root / "store.json").read_text())
+    info = read_json(root / "store.json", what="token store")
     shards, num_images, num_tokens = [], 0, 0
     for index in sorted((root / "shards").glob("*.index.jsonl")):
         rows, _ = _read_index(index)
@@ -185,11 +195,13 @@ class TokenStore:
         self.root = Path(root)
         if not (self.root / "store.json").is_file():
             raise FileNotFoundError(f"{self.root} is not a vqtok token store (no store.json)")
-        self.info = json.loads((self.root / "store.json").read_text())
+        self.info = read_json(self.root / "store.json", what="token store")
         if self.info.get("format") != FORMAT:
             raise ValueError(f"{self.root}: unsupported token store format {self.info.get('format')!r}")
+        if self.info.get("dtype") not in ("<u2", "<i4") or not isinstance(self.info.get("codebook_size"), int):
+            raise ValueError(f"{self.root / 'store.json'}: dtype must be <u2 or <i4 and codebook_size an integer")
         manifest_path = self.root / "manifest.json"
-        self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        self.manifest = read_json(manifest_path, what="token store") if manifest_path.exists() else None
         self.dtype = np.dtype(self.info["dtype"])
         self._shard_files: list[Path] = []
         self._maps: dict[int, np.memmap] = {}
@@ -211,7 +223,12 @@ class TokenStore:
 
     def _shard_list(self) -> list[tuple[Path, Path, int | None]]:
         if self.manifest is not None:
-            return [(self.root / s["tokens"], self.root / s["index"], s["images"]) for s in self.manifest["shards"]]
+            where = f"{self.root / 'manifest.json'}: shard"
+            try:
+                return [(confined(self.root, s["tokens"], where), confined(self.root, s["index"], where), int(s["images"]))
+                        for s in self.manifest["shards"]]
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"{self.root / 'manifest.json'}: malformed shard table ({err})") from None
         indexes = sorted((self.root / "shards").glob("*.index.jsonl"))
         return [(i.with_name(i.name.replace(".index.jsonl", ".tokens")), i, None) for i in indexes]
 
@@ -242,6 +259,9 @@ class TokenStore:
         height, width = (int(v) for v in self._grids[index])
         start = int(self._offsets[index])
         tokens = self._map(int(self._shard_ids[index]))[start : start + height * width]
+        if len(tokens) != height * width:
+            raise ValueError(f"{self._shard_files[int(self._shard_ids[index])]}: image {self.sources[index]!r} reaches "
+                             "past the end of its shard (truncated store?)")
         return TokenRecord(self.sources[index], (height, width), tokens)
 
     def find(self, source: str) -> TokenRecord:

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
 from .checkpoint import (
+    RESUME_FILES,
     atomic_write_text,
+    choose_checkpoint,
     flatten_optimizer,
     load_weights,
-    resolve_checkpoint,
     restore_optimizer,
     save_checkpoint,
     untrained_tokenizer,
@@ -34,6 +34,7 @@ from .checkpoint import (
 from .config import VQConfig
 from .data import CropDataset, ImageSource, StepBatchSampler, load_eval_images
 from .distributed import DistributedContext
+from .files import load_tensors, read_json
 from .images import save_grid
 from .metrics import RollingCodeUsage, psnr
 
@@ -268,17 +269,22 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Continue from RUN/latest if it exists; returns whether a checkpoint was loaded."""
-        if not (self.run_dir / "latest").is_file():
+        """Continue from the run's checkpoint (the one RUN/latest names, or the newest complete one when that is
+        damaged, with a warning); returns whether a checkpoint was loaded."""
+        directory, note = choose_checkpoint(self.run_dir, RESUME_FILES)
+        if directory is None:
+            if note:
+                raise FileNotFoundError(f"cannot resume {self.run_dir}: {note} (pass --restart to start over)")
             return False
-        directory = resolve_checkpoint(self.run_dir)
-        saved = VQConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        if note:
+            log.warning("%s", note)
+        saved = VQConfig.from_dict(read_json(directory / "config.json"))
         if (saved.model, saved.quantizer) != (self.config.model, self.config.quantizer):
             raise ValueError(f"cannot resume {self.run_dir}: its model/quantizer config differs from the requested one "
                              "(use a new --out directory)")
         load_weights(self.model, directory / "model.safetensors")
-        tensors = load_file(directory / "trainer.safetensors")
-        meta = json.loads((directory / "trainer.json").read_text())
+        tensors = load_tensors(directory / "trainer.safetensors")
+        meta = read_json(directory / "trainer.json")
         restore_optimizer(self.optimizer, "optimizer", tensors, meta["optimizer"])
         self.usage.load_state({k[len("usage."):]: v for k, v in tensors.items() if k.startswith("usage.")})
         torch.set_rng_state(tensors["rng.torch"])
@@ -289,7 +295,7 @@ class Trainer:
                 raise ValueError(f"{directory}: checkpoint has no discriminator state but the config enables the GAN")
             self.discriminator.load_state_dict({k[len("discriminator."):]: v for k, v in tensors.items() if k.startswith("discriminator.")})
             restore_optimizer(self.disc_optimizer, "disc_optimizer", tensors, meta["disc_optimizer"])
-        self.step = json.loads((directory / "meta.json").read_text())["step"]
+        self.step = read_json(directory / "meta.json")["step"]
         self._truncate_log()
         log.info("resumed %s at step %d", directory, self.step)
         return True
