@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from vqtok import chameleon as vq_chameleon
-from vqtok.checkpoint import atomic_write_text, read_checkpoint
+from vqtok.checkpoint import atomic_write_text, check_weight_shapes, read_checkpoint
+from vqtok.files import confined, load_tensors, read_json
 
 from .config import ModelConfig, TrainConfig, UnifiedConfig
 from .model import UnifiedTransformer
@@ -140,10 +141,14 @@ def name_pairs(config: ModelConfig) -> list[tuple[str, str]]:
     return pairs
 
 
+def expected_shapes_state(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's state dict on the meta device: names and shapes, nothing allocated (a 7B model included)."""
+    with torch.device("meta"):
+        return UnifiedTransformer(config).state_dict()
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):  # shapes only: a 7B model allocates nothing
-        model = UnifiedTransformer(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return {name: tuple(t.shape) for name, t in expected_shapes_state(config).items()}
 
 
 def state_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig, where: str) -> dict[str, torch.Tensor]:
@@ -280,10 +285,7 @@ def import_chameleon(source: str | os.PathLike, out: str | os.PathLike, meta_vqg
     config_path = source / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{source}: missing config.json (give a transformers Chameleon checkpoint directory)")
-    try:
-        info = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: invalid JSON ({err})") from None
+    info = read_json(config_path)
     if info.get("model_type") != "chameleon":
         raise ValueError(f"{config_path}: model_type is {info.get('model_type')!r}, not 'chameleon'")
     model_config = model_config_from_hf(info, str(config_path))
@@ -315,18 +317,21 @@ def export_chameleon(run: str | os.PathLike, out: str | os.PathLike, tokenizer: 
     """A unified_lm run or checkpoint -> OUT, a directory `ChameleonForConditionalGeneration.from_pretrained`
     loads: config.json (with vocabulary_map and vq_config), model.safetensors (language model + the VQ encoder
     and codebook of `tokenizer` under model.vqmodel.) and the text model (tokenizer.json or text.model)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from .checkpoint import resolve_run
+    from .checkpoint import read_config, resolve_run
 
     directory = resolve_run(run)
-    config = UnifiedConfig.from_dict(json.loads((directory / "config.json").read_text())).validate()
+    config = read_config(directory)
     check_exportable(config.model)
     vocab = Vocabulary.load(directory / "vocab")
-    meta = json.loads((directory / "meta.json").read_text()) if (directory / "meta.json").is_file() else {}
-    if tokenizer is None and meta.get("tokenizer_path") and (directory / meta["tokenizer_path"]).exists():
-        tokenizer = directory / meta["tokenizer_path"]  # an imported checkpoint carries its tokenizer
-    state = load_file(directory / "model.safetensors")
+    meta = read_json(directory / "meta.json") if (directory / "meta.json").is_file() else {}
+    if tokenizer is None and meta.get("tokenizer_path"):  # an imported checkpoint carries its tokenizer
+        carried = confined(directory, meta["tokenizer_path"], f"{directory / 'meta.json'} tokenizer_path")
+        tokenizer = carried if carried.exists() else None
+    file = directory / "model.safetensors"
+    check_weight_shapes(expected_shapes_state(config.model), file)
+    state = load_tensors(file)
     tensors = state_to_hf(state, config.model)
     if tokenizer is not None:
         from vqtok.checkpoint import load_tokenizer

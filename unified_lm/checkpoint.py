@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from vqtok.checkpoint import load_weights
+from vqtok.checkpoint import WRONG_KIND, build_with_weights, check_weight_shapes, config_kind, resolve_checkpoint
+from vqtok.files import confined, load_tensors, read_json, tensor_shapes
 
 from .config import UnifiedConfig
 from .model import UnifiedTransformer
@@ -35,7 +36,10 @@ class LoadedModel:
         if not grids:  # checkpoints from before grids were recorded: look at the dataset they were trained on
             info = Path(str(self.meta.get("dataset", ""))) / "dataset.json"
             if info.is_file():
-                grids = json.loads(info.read_text()).get("image_grids") or {}
+                try:
+                    grids = read_json(info).get("image_grids") or {}
+                except ValueError:
+                    grids = {}
         return grids
 
     @property
@@ -85,19 +89,12 @@ def load_initial_weights(model: UnifiedTransformer, config: UnifiedConfig) -> No
         model.picture_adapter.encoder.load_state_dict(encoder.vision.state_dict())
     if train.init_from:
         file = resolve_run(train.init_from) / "model.safetensors"
-        state = load_file(file)
         expected = model.state_dict()
-        language = {name for name in expected if not name.startswith(PICTURE_PREFIX)}
-        missing = sorted(language - set(state))
-        unexpected = sorted(name for name in state if name not in expected)
-        if missing or unexpected:
-            raise ValueError(f"train.init_from {file}: weights do not match this model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}); the model sections must agree")
-        for name, tensor in state.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(f"train.init_from {file}: tensor {name} has shape {tuple(tensor.shape)}, this "
-                                 f"model expects {tuple(expected[name].shape)}")
-        model.load_state_dict(state, strict=False)
+        has_picture = any(name.startswith(PICTURE_PREFIX) for name in tensor_shapes(file))
+        if not has_picture:  # a plain language model starts this one: its picture path stays fresh
+            expected = {name: t for name, t in expected.items() if not name.startswith(PICTURE_PREFIX)}
+        check_weight_shapes(expected, file, "train.init_from")
+        model.load_state_dict(load_tensors(file), strict=False)
 
 
 def write_model_files(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: UnifiedConfig,
@@ -114,38 +111,43 @@ def write_model_files(directory: str | os.PathLike, state: dict[str, torch.Tenso
     return directory
 
 
+MODEL_FILES = ("model.safetensors", "config.json", "meta.json", "vocab/vocab.json")  # what sampling reads
+
+
 def resolve_run(path: str | os.PathLike) -> Path:
-    """A training run directory (follows RUN/latest) or a checkpoint directory -> the checkpoint directory."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    latest = path / "latest"
-    if latest.is_file():
-        target = path / "checkpoints" / latest.read_text().strip()
-        if (target / "model.safetensors").is_file():
-            return target
-        raise FileNotFoundError(f"{latest} names {target}, which holds no model.safetensors")
-    if not path.exists():
-        raise FileNotFoundError(f"unified model checkpoint not found: {path}")
-    raise FileNotFoundError(f"{path} is neither a unified_lm run (no 'latest' file) nor a checkpoint directory "
-                            "(no model.safetensors)")
+    """A training run directory (its latest complete checkpoint; see vqtok.checkpoint.choose_checkpoint) or a
+    checkpoint directory -> the checkpoint directory."""
+    return resolve_checkpoint(path, MODEL_FILES, "unified_lm")
+
+
+def read_config(directory: Path) -> UnifiedConfig:
+    """A checkpoint's config.json, validated; a tokenizer's or encoder's checkpoint is named as such."""
+    data = read_json(directory / "config.json", what="checkpoint config")
+    if config_kind(data) in ("vqtok", "encoder"):
+        raise ValueError(f"{directory} is {WRONG_KIND[config_kind(data)]}, not a unified_lm model (a tokenizer goes to "
+                         "--tokenizer)")
+    try:
+        return UnifiedConfig.from_dict(data).validate()
+    except ValueError as err:
+        raise ValueError(f"{directory / 'config.json'}: {err}") from None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The model of a run or checkpoint directory; names and shapes of its weights are checked against
+    config.json (from the safetensors header, on the meta device) before the model is built."""
     directory = resolve_run(path)
-    for name in ("config.json", "meta.json"):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"checkpoint {directory} is incomplete: missing {name}")
-    try:
-        config = UnifiedConfig.from_dict(json.loads((directory / "config.json").read_text())).validate()
-        meta = json.loads((directory / "meta.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint {directory}: bad config/meta JSON ({err})") from None
+    config = read_config(directory)
+    meta = read_json(directory / "meta.json", what="checkpoint metadata")
     vocab = Vocabulary.load(directory / "vocab")
     if config.model.vocab_size != vocab.size:
         raise ValueError(f"{directory / 'config.json'}: model.vocab_size {config.model.vocab_size} does not match "
                          f"the checkpoint's vocabulary ({vocab.size} ids)")
-    model = UnifiedTransformer(config.model)
-    load_weights(model, directory / "model.safetensors")  # names and shapes checked against config.json
+    model = build_with_weights(lambda: UnifiedTransformer(config.model), directory / "model.safetensors")
     return LoadedModel(model.to(device=device, dtype=dtype).eval(), vocab, config, directory, meta)
+
+
+def tokenizer_path(loaded: LoadedModel) -> Path | None:
+    """The tokenizer an imported checkpoint carries (meta.json "tokenizer_path", inside its directory)."""
+    name = loaded.meta.get("tokenizer_path")
+    return confined(loaded.directory, name, f"{loaded.directory / 'meta.json'} tokenizer_path") if name else None

@@ -21,7 +21,8 @@
                        a unified_lm run -> OUT, which ChameleonForConditionalGeneration.from_pretrained loads
 
 Training is `deepspeed scripts/train_unified.py` (see its --help).
-Exit status: 0 success, 2 bad arguments, configuration or input (the message names the file or field).
+Exit status: 0 success, 2 bad arguments, configuration or input (one line naming the file or field; -v adds the
+traceback), including input that asks for more memory than there is.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from .checkpoint import load_model
+    from .checkpoint import load_model, tokenizer_path
     from .prompts import build_prompts, read_prompt_file
     from .render import write_documents
     from .sampler import Sampler
@@ -138,8 +139,8 @@ def cmd_sample(args) -> int:
     loaded = load_model(args.ckpt, args.device, dtype)
     grid = image_grid_of(loaded, args.image_grid)
     tokenizer = None
-    if not args.tokenizer and loaded.meta.get("tokenizer_path"):  # an imported checkpoint carries its tokenizer
-        args.tokenizer = str(loaded.directory / loaded.meta["tokenizer_path"])
+    if not args.tokenizer and tokenizer_path(loaded):  # an imported checkpoint carries its tokenizer
+        args.tokenizer = str(tokenizer_path(loaded))
     if args.tokenizer:
         from vqtok.checkpoint import load_tokenizer
 
@@ -498,11 +499,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from vqtok.cli import error_line
+
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, MemoryError, RuntimeError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         return 2
 
 

@@ -14,7 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from vqtok.typed_config import apply_overrides, build_dataclass, load_preset_or_file
+from vqtok.typed_config import apply_overrides, build_dataclass, load_preset_or_file, out_of_bounds
+
+# Sizes a config may ask for, checked before anything is built from it (a crafted checkpoint's config.json must
+# fail here, not in the allocator): generous for real models (Chameleon-34B has 48 layers, width 8192).
+MODEL_BOUNDS = {"model.vocab_size": (0, 1 << 22), "model.dim": (1, 1 << 16), "model.n_layers": (1, 1024),
+                "model.n_heads": (1, 1024), "model.n_kv_heads": (1, 1024), "model.ffn_hidden": (0, 1 << 20),
+                "model.max_seq_len": (1, 1 << 20), "model.picture.pool": (1, 64), "model.picture.adapter_hidden": (0, 1 << 16)}
+ROPE_TABLE_LIMIT = 1 << 27  # max_seq_len * head_dim: the RoPE cache (cos and sin, float32) stays under 1 GB
 
 
 @dataclass
@@ -106,11 +113,15 @@ class UnifiedConfig:
 
     def validate(self) -> UnifiedConfig:
         model, train = self.model, self.train
+        problems = out_of_bounds(self, MODEL_BOUNDS)
+        if problems:  # the checks below assume positive sizes
+            raise ValueError("invalid unified_lm config: " + "; ".join(problems))
         checks = [
-            (model.dim > 0 and model.n_layers > 0, "model.dim and model.n_layers must be positive"),
-            (model.n_heads > 0 and model.dim % model.n_heads == 0, f"model.dim {model.dim} must be divisible by model.n_heads {model.n_heads}"),
+            (model.dim % model.n_heads == 0, f"model.dim {model.dim} must be divisible by model.n_heads {model.n_heads}"),
             (model.head_dim % 2 == 0, f"head_dim {model.head_dim} must be even for RoPE"),
-            (model.n_kv_heads > 0 and model.n_heads % model.n_kv_heads == 0, f"model.n_heads {model.n_heads} must be a multiple of model.n_kv_heads {model.n_kv_heads}"),
+            (model.max_seq_len * model.head_dim <= ROPE_TABLE_LIMIT,
+             f"model.max_seq_len {model.max_seq_len} x head_dim {model.head_dim} exceeds {ROPE_TABLE_LIMIT} (RoPE table)"),
+            (model.n_heads % model.n_kv_heads == 0, f"model.n_heads {model.n_heads} must be a multiple of model.n_kv_heads {model.n_kv_heads}"),
             (0.0 <= model.dropout < 1.0, f"model.dropout must be in [0, 1), got {model.dropout}"),
             (model.z_loss_weight >= 0, "model.z_loss_weight must be >= 0"),
             (model.vocab_size >= 0, "model.vocab_size must be >= 0 (0 = from the vocabulary)"),
@@ -123,12 +134,21 @@ class UnifiedConfig:
             (train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1 (the newest checkpoint is never deleted)"),
             (model.picture.pool >= 1, f"model.picture.pool must be >= 1, got {model.picture.pool}"),
             (train.encoder_lr_scale >= 0, "train.encoder_lr_scale must be >= 0 (0 = frozen encoder)"),
+            (model.norm_eps > 0 and model.qk_norm_eps >= 0 and model.init_std > 0 and model.rope_theta > 1,
+             "model.norm_eps and model.init_std must be positive, model.qk_norm_eps >= 0, model.rope_theta > 1"),
+            (train.seq_len > 0 and train.warmup_steps >= 0 and train.grad_clip > 0,
+             "train.seq_len and train.grad_clip must be positive, train.warmup_steps >= 0"),
             (not train.freeze_lm or bool(model.picture.encoder or train.encoder_run),
              "train.freeze_lm trains the picture adapter only, but there is none (set train.encoder_run)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid unified_lm config: {message}")
+        if model.picture.encoder:
+            from .vision import VisionConfig, check_vision
+
+            check_vision(build_dataclass(VisionConfig, model.picture.encoder, "model.picture.encoder"),
+                         "model.picture.encoder")
         return self
 
 

@@ -12,10 +12,15 @@ One JSON object per line:
 training targets: "image" trains text->image data on <boi>, the codes and <eoi> only; "text" trains image->text
 data on text pieces and <eos> only. A document becomes <bos> seg1 seg2 ... <eos>, each image as
 <boi> code ... code <eoi> in raster order, or, for the continuous encoder-adapter path, as <boi>, one <image>
-placeholder per adapter feature, <eoi>. Extra keys (kind, split, ground truth) are kept out of the tokens.
+placeholder per adapter feature, <eoi>. A document may carry other keys (ground truth, provenance): they are kept
+out of the tokens, but one that differs from a known key only by case or a typo ("Train_on") is refused, and a
+segment or image_ref holds nothing but its known keys ({"text": ..., "Loss": false} is an error: silently
+ignoring it would train on text the user excluded). Text must be valid Unicode (no lone surrogates such as
+"\ud800"), and every file must be UTF-8: both errors name the file and line.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Iterator
@@ -27,6 +32,9 @@ import numpy as np
 from .vocab import Vocabulary
 
 TRAIN_ON = ("all", "text", "image")
+DOCUMENT_KEYS = ("id", "kind", "split", "train_on", "segments")
+SEGMENT_KEYS = ("text", "image", "image_ref", "loss")
+IMAGE_REF_KEYS = ("store", "source")
 
 
 @dataclass(frozen=True)
@@ -60,15 +68,44 @@ def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[str, object
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply") from None
+
+
+def check_keys(record: dict, known: tuple[str, ...], where: str, extra_allowed: bool = False) -> None:
+    """Refuse keys outside `known` (with extra_allowed: only those that look like a misspelt known key)."""
+    for key in record:
+        if key in known:
+            continue
+        close = [k for k in known if k.lower() == str(key).lower()] or difflib.get_close_matches(str(key), known, 1, 0.8)
+        if close:
+            raise ValueError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}?")
+        if not extra_allowed:
+            raise ValueError(f"{where}: unknown key {key!r}; known: {', '.join(known)}")
+
+
+def unicode_text(text: str, where: str) -> str:
+    """`text` if it encodes as UTF-8; a lone surrogate (JSON "\\ud800" without its pair) names its position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{where}: text holds {text[err.start]!r} at character {err.start}, a lone surrogate that is "
+                         "not Unicode text") from None
+    return text
 
 
 def read_documents(path: str | os.PathLike, default_train_on: str = "all", split: str | None = None) -> Iterator[Document]:
@@ -83,14 +120,21 @@ def read_documents(path: str | os.PathLike, default_train_on: str = "all", split
 def _parse(record, where: str, base: Path, default_train_on: str) -> Document:
     if not isinstance(record, dict) or not isinstance(record.get("segments"), list) or not record["segments"]:
         raise ValueError(f"{where}: a document is an object with a non-empty 'segments' list")
+    check_keys(record, DOCUMENT_KEYS, where, extra_allowed=True)
     train_on = record.get("train_on", default_train_on)
     if train_on not in TRAIN_ON:
         raise ValueError(f"{where}: train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    for key in ("kind", "split"):
+        if not isinstance(record.get(key, ""), str):
+            raise ValueError(f"{where}: '{key}' must be a string, got {record[key]!r}")
+    if not isinstance(record.get("id", ""), (str, int)) or isinstance(record.get("id"), bool):
+        raise ValueError(f"{where}: 'id' must be a string or an integer, got {record['id']!r}")
     segments, overrides = [], []
     for index, segment in enumerate(record["segments"]):
         at = f"{where} segment {index}"
         if not isinstance(segment, dict):
             raise ValueError(f"{at}: expected an object with 'text', 'image' or 'image_ref'")
+        check_keys(segment, SEGMENT_KEYS, at)
         kinds = [key for key in ("text", "image", "image_ref") if key in segment]
         if len(kinds) != 1:
             raise ValueError(f"{at}: needs exactly one of 'text', 'image', 'image_ref' (got {sorted(segment)})")
@@ -100,16 +144,19 @@ def _parse(record, where: str, base: Path, default_train_on: str) -> Document:
         if "text" in segment:
             if not isinstance(segment["text"], str):
                 raise ValueError(f"{at}: 'text' must be a string")
-            segments.append(segment["text"])
+            segments.append(unicode_text(segment["text"], at))
         elif "image" in segment:
-            if not isinstance(segment["image"], str) or not segment["image"]:
+            if not isinstance(segment["image"], str) or not segment["image"] or "\0" in segment["image"]:
                 raise ValueError(f"{at}: 'image' must be a path")
-            segments.append(ImageSegment(path=(base / segment["image"]).resolve()))
+            segments.append(ImageSegment(path=(base / unicode_text(segment["image"], at)).resolve()))
         else:
             ref = segment["image_ref"]
-            if not isinstance(ref, dict) or not isinstance(ref.get("store"), str) or not isinstance(ref.get("source"), str):
+            if not isinstance(ref, dict) or not all(isinstance(ref.get(k), str) and ref[k] and "\0" not in ref[k]
+                                                    for k in IMAGE_REF_KEYS):
                 raise ValueError(f"{at}: 'image_ref' must be {{\"store\": DIR, \"source\": NAME}}")
-            segments.append(ImageSegment(store=(base / ref["store"]).resolve(), source=ref["source"]))
+            check_keys(ref, IMAGE_REF_KEYS, f"{at} image_ref")
+            segments.append(ImageSegment(store=(base / unicode_text(ref["store"], at)).resolve(),
+                                         source=unicode_text(ref["source"], at)))
         overrides.append(loss)
     return Document(str(record.get("id", where)), segments, overrides, train_on, where, record.get("split"),
                     record.get("kind"))

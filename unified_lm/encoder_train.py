@@ -46,9 +46,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from vqtok.checkpoint import atomic_write_text, file_sha256, flatten_optimizer, load_weights, restore_optimizer
+from vqtok.checkpoint import (
+    atomic_write_text,
+    choose_checkpoint,
+    file_sha256,
+    flatten_optimizer,
+    load_weights,
+    prune_checkpoints,
+    restore_optimizer,
+    write_manifest,
+)
+from vqtok.files import load_tensors, read_json
 
 from .vision import (
     CHECKPOINT_DIR,
@@ -57,9 +67,9 @@ from .vision import (
     EncoderTrainConfig,
     load_pictures,
     pixels_from_uint8,
+    ENCODER_FILES,
     read_encoder_config,
     read_pictures_uint8,
-    resolve_encoder,
     tokenize_captions,
 )
 from .vocab import Vocabulary
@@ -68,6 +78,7 @@ from .world import CAPTION_PREFIX, COLOURS, SHAPES, _count_phrase, read_document
 CAPTIONED_KINDS = ("image_to_text", "text_to_image")
 # Fields that may differ when a run is resumed: they change neither the model nor the order of the batches.
 RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every")
+RESUME_FILES = ENCODER_FILES + ("meta.json", "optimizer.safetensors", "optimizer.json")
 
 
 # -----------------------------------------------------------------------------
@@ -289,24 +300,25 @@ class EncoderTrainer:
                 "data": self.data.identity, "world": str(self.world_dir.resolve()), "parameters": self.num_parameters,
                 "weights_sha256": file_sha256(tmp / "model.safetensors")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_manifest(tmp)
         if final.exists():  # the same step saved again after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write_text(self.out / "latest", tag + "\n")
-        done = sorted(p for p in (self.out / CHECKPOINT_DIR).glob("step_*") if not p.name.endswith(".tmp"))
-        for old in done[: max(0, len(done) - self.config.train.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(self.out / CHECKPOINT_DIR, self.config.train.keep_checkpoints, RESUME_FILES)
         return final
 
     def resume(self) -> bool:
-        """Continue from RUN/latest if there is one (same model, data, vocabulary and batch order required)."""
-        if not (self.out / "latest").is_file():
+        """Continue from the run's checkpoint (RUN/latest's, or the newest complete one when that is damaged,
+        with a message); same model, data, vocabulary and batch order required."""
+        directory, note = choose_checkpoint(self.out, RESUME_FILES)
+        if directory is None:
+            if note:
+                raise FileNotFoundError(f"cannot resume {self.out}: {note} (pass --restart to start over)")
             return False
-        directory = resolve_encoder(self.out)
-        for name in ("meta.json", "optimizer.safetensors", "optimizer.json"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory} cannot be resumed: missing {name}")
-        meta = json.loads((directory / "meta.json").read_text())
+        if note:
+            self.progress(f"warning: {note}")
+        meta = read_json(directory / "meta.json")
         if meta.get("vocab_fingerprint") != self.vocab.fingerprint:
             raise ValueError(f"--resume of {self.out}: the run was trained with vocabulary "
                              f"{meta.get('vocab_fingerprint')}, --vocab is {self.vocab.fingerprint}; the ids would "
@@ -321,8 +333,8 @@ class EncoderTrainer:
             raise ValueError(f"--resume of {self.out}: the training pairs differ from the run's ({meta.get('data')} "
                              f"saved, {self.data.identity} now); use the same --world and --pairs")
         load_weights(self.model, directory / "model.safetensors")
-        restore_optimizer(self.optimizer, "optimizer", load_file(directory / "optimizer.safetensors"),
-                          json.loads((directory / "optimizer.json").read_text()))
+        restore_optimizer(self.optimizer, "optimizer", load_tensors(directory / "optimizer.safetensors"),
+                          read_json(directory / "optimizer.json"))
         self.step = int(meta["step"])
         self._truncate_log()
         return True

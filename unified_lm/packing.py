@@ -17,6 +17,12 @@ new one (the rest is padding) unless it is longer than a row, in which case it i
 first token of each continuation row has no predecessor in its row, so it is not a target). A target
 counts only where its loss flag is set and it belongs to the same document as its input token, so nothing is
 learned across a document boundary. Shards are memory-mapped: datasets larger than RAM are fine.
+
+Re-preparing into a directory that holds a dataset never loses it (`DatasetStaging`): the new shards, vocabulary
+and pixels go under the names the current dataset.json does not use (`shards/` or `shards-b/`, `vocab/` or
+`vocab-b/`, `pictures.u8` or `pictures-b.u8`), and only once every row is written and validated is dataset.json
+replaced, atomically; then the old generation is removed. A failure before that removes the new files and
+leaves the old dataset exactly as it was.
 """
 from __future__ import annotations
 
@@ -30,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqtok.checkpoint import atomic_write_text
+from vqtok.files import atomic_write_text, confined, read_json
 
 from .documents import EncodedDocument
-from .pictures import open_pixels
+from .pictures import PIXELS_FILE, open_pixels
 from .vocab import Vocabulary
 
 FORMAT = "unified-lm-packed/1"
@@ -104,7 +110,7 @@ class ShardedRowWriter:
             arrays["pictures"] = np.stack([r.pictures for r in self._buffer]).astype("<i4")
         for suffix, array in arrays.items():
             array.tofile(self.shard_dir / f"{name}.{suffix}")
-        self.shards.append({"name": f"shards/{name}", "rows": len(self._buffer)})
+        self.shards.append({"name": f"{self.shard_dir.name}/{name}", "rows": len(self._buffer)})
         self._buffer = []
 
     def close(self) -> list[dict]:
@@ -161,16 +167,18 @@ class PackedDataset:
         if not info_path.is_file():
             raise FileNotFoundError(f"{self.root} is not a packed dataset (no dataset.json; make one with "
                                     "`unified-lm prepare`)")
-        try:
-            self.info = json.loads(info_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{info_path}: invalid JSON ({err})") from None
+        self.info = read_json(info_path, what="packed dataset")
         missing = [k for k in ("format", "row_length", "token_dtype", "vocab_fingerprint", "shards") if k not in self.info]
         if missing:
             raise ValueError(f"{info_path}: missing field(s) {missing}")
         if self.info.get("format") != FORMAT:
             raise ValueError(f"{info_path}: unsupported format {self.info.get('format')!r}")
-        self.vocab = vocab or Vocabulary.load(self.root / "vocab")
+        if self.info["token_dtype"] not in ("<u2", "<i4") or not _count(self.info["row_length"], 2):
+            raise ValueError(f"{info_path}: token_dtype must be <u2 or <i4 and row_length an integer >= 2")
+        if not isinstance(self.info["shards"], list) or not all(
+                isinstance(s, dict) and isinstance(s.get("name"), str) and _count(s.get("rows"), 1) for s in self.info["shards"]):
+            raise ValueError(f"{info_path}: shards must be a list of {{\"name\": ..., \"rows\": N}}")
+        self.vocab = vocab or Vocabulary.load(confined(self.root, self.info.get("vocab", "vocab"), f"{info_path} vocab"))
         if self.vocab.fingerprint != self.info["vocab_fingerprint"]:
             raise ValueError(f"{self.root} was prepared with vocabulary {self.info['vocab_fingerprint']}, not with "
                              f"{self.vocab.fingerprint} (size {self.vocab.size}); re-run `unified-lm prepare`")
@@ -185,7 +193,7 @@ class PackedDataset:
         for shard in self.info["shards"]:
             arrays = {}
             for suffix, dtype in suffixes.items():
-                path = self.root / f"{shard['name']}.{suffix}"
+                path = confined(self.root, f"{shard['name']}.{suffix}", f"{info_path} shard")
                 expected = shard["rows"] * self.row_length * dtype.itemsize
                 if not path.is_file() or path.stat().st_size != expected:
                     raise ValueError(f"{path}: missing or truncated (expected {expected} bytes)")
@@ -218,6 +226,14 @@ class PackedDataset:
 
     def batch(self, indices: list[int]) -> Batch:
         rows = [self[i] for i in indices]
+        for index, row in zip(indices, rows):  # a damaged shard must not reach the embedding as an IndexError
+            if row.tokens.size and not 0 <= int(row.tokens.min()) <= int(row.tokens.max()) < self.vocab.size:
+                raise ValueError(f"{self._shard_path(index, 'tokens')}: row {index} holds token id "
+                                 f"{int(row.tokens.max())}, outside the vocabulary's {self.vocab.size} ids; the "
+                                 "dataset is damaged: re-run `unified-lm prepare`")
+            if row.pictures is not None and int(row.pictures.max()) >= len(self.pixels) * self.pictures["placeholders"]:
+                raise ValueError(f"{self._shard_path(index, 'pictures')}: row {index} names a picture beyond the "
+                                 f"{len(self.pixels)} stored; the dataset is damaged: re-run `unified-lm prepare`")
         tokens = torch.from_numpy(np.stack([r.tokens for r in rows]))
         documents = torch.from_numpy(np.stack([r.documents for r in rows]))
         loss = torch.from_numpy(np.stack([r.loss for r in rows]))
@@ -227,6 +243,10 @@ class PackedDataset:
         if self.pictures:
             batch.picture_slots, batch.pixels = self._batch_pictures(np.stack([r.pictures[:-1] for r in rows]))
         return batch
+
+    def _shard_path(self, index: int, suffix: str) -> Path:
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return self.root / f"{self.info['shards'][shard]['name']}.{suffix}"
 
     def _batch_pictures(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Global placeholder slots (B, T) -> slots into the batch's own pictures, and those pictures' pixels."""
@@ -275,29 +295,98 @@ def _epoch_order(seed: int, epoch: int, num_rows: int) -> np.ndarray:
     return _ORDER_CACHE[key]
 
 
+def _count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class DatasetStaging:
+    """A new generation of the packed dataset in `out`, written beside the live one (see the module docstring)."""
+
+    PARTS = {"shards": ("shards", "shards-b"), "vocab": ("vocab", "vocab-b"), "pictures": (PIXELS_FILE, "pictures-b.u8")}
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.live = self._live_parts()
+        self.staged: list[Path] = []
+
+    def _live_parts(self) -> dict[str, str]:
+        """The part names the current dataset.json uses ({} when there is none, or it is unreadable)."""
+        try:
+            info = read_json(self.out / "dataset.json")
+        except (FileNotFoundError, ValueError):
+            return {}
+        live = {"vocab": info.get("vocab", "vocab")}
+        shards = info.get("shards")
+        if isinstance(shards, list) and shards and isinstance(shards[0], dict) and isinstance(shards[0].get("name"), str):
+            live["shards"] = shards[0]["name"].split("/")[0]
+        if isinstance(info.get("pictures"), dict):
+            live["pictures"] = info["pictures"].get("file")
+        return live
+
+    def path(self, part: str) -> Path:
+        """Where the new generation's `part` goes: the one of its two names the live dataset does not use."""
+        first, second = self.PARTS[part]
+        target = self.out / (second if self.live.get(part) == first else first)
+        _remove(target)
+        self.staged.append(target)
+        return target
+
+    def vocab(self, vocab: Vocabulary) -> str:
+        """The vocabulary directory for the new generation: the live one if it is this vocabulary, else a copy."""
+        live = self.live.get("vocab")
+        if isinstance(live, str):
+            try:
+                if Vocabulary.load(confined(self.out, live, "vocab")).fingerprint == vocab.fingerprint:
+                    return live
+            except (ValueError, OSError):
+                pass
+        return vocab.save(self.path("vocab")).name
+
+    def discard(self) -> None:
+        for path in self.staged:
+            _remove(path)
+
+    def commit(self, info: dict) -> None:
+        """Replace dataset.json (the one atomic step), then remove the parts only the old generation used."""
+        atomic_write_text(self.out / "dataset.json", json.dumps(info, indent=2) + "\n")
+        used = {info["vocab"], info["shards"][0]["name"].split("/")[0], (info.get("pictures") or {}).get("file")}
+        for names in self.PARTS.values():
+            for name in names:
+                if name not in used:
+                    _remove(self.out / name)
+        _remove(self.out / "shards.building")  # left by versions before DatasetStaging
+
+
 def write_dataset(out: Path, rows: Iterable[PackedRow], vocab: Vocabulary, row_length: int, rows_per_shard: int,
-                  extra: dict) -> dict:
-    """Write all rows into out/shards (replacing any earlier shards), then dataset.json last."""
-    (out / "dataset.json").unlink(missing_ok=True)  # an interrupted rewrite must not look complete
-    building = out / "shards.building"
-    shutil.rmtree(building, ignore_errors=True)
-    writer = ShardedRowWriter(building, row_length, token_dtype(vocab.size), rows_per_shard)
+                  extra: dict, staging: DatasetStaging | None = None) -> dict:
+    """Write all rows as a new generation of the dataset in `out` (`DatasetStaging`: the dataset already there
+    stays intact until every row is written), then dataset.json, atomically, last."""
+    staging = staging or DatasetStaging(out)
     totals = {"tokens": 0, "target_tokens": 0, "image_target_tokens": 0, "padding_tokens": 0}
-    for row in rows:
-        writer.add(row)
-        totals["tokens"] += row_length
-        totals["padding_tokens"] += int((row.documents == 0).sum())
-        totals["target_tokens"] += int(row.loss.sum())
-        totals["image_target_tokens"] += int((row.loss & vocab.in_picture(row.tokens)).sum())
-    shards = writer.close()
-    if not shards:
-        shutil.rmtree(building)
-        raise ValueError("no documents to pack")
-    shutil.rmtree(out / "shards", ignore_errors=True)
-    os.replace(building, out / "shards")
-    vocab.save(out / "vocab")
+    try:
+        writer = ShardedRowWriter(staging.path("shards"), row_length, token_dtype(vocab.size), rows_per_shard)
+        for row in rows:  # documents are encoded (and their pictures looked up) lazily, here
+            writer.add(row)
+            totals["tokens"] += row_length
+            totals["padding_tokens"] += int((row.documents == 0).sum())
+            totals["target_tokens"] += int(row.loss.sum())
+            totals["image_target_tokens"] += int((row.loss & vocab.in_picture(row.tokens)).sum())
+        shards = writer.close()
+        if not shards:
+            raise ValueError("no documents to pack")
+        vocab_dir = staging.vocab(vocab)
+    except BaseException:
+        staging.discard()
+        raise
     info = {"format": FORMAT, "row_length": row_length, "seq_len": row_length - 1,
-            "token_dtype": token_dtype(vocab.size).str, "vocab_fingerprint": vocab.fingerprint,
+            "token_dtype": token_dtype(vocab.size).str, "vocab_fingerprint": vocab.fingerprint, "vocab": vocab_dir,
             "vocab_size": vocab.size, "rows": sum(s["rows"] for s in shards), "shards": shards, **totals, **extra}
-    atomic_write_text(out / "dataset.json", json.dumps(info, indent=2) + "\n")
+    staging.commit(info)
     return info

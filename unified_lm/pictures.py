@@ -3,7 +3,8 @@
 In a continuous-path packed dataset a picture is `<boi>`, `placeholders` x `<image>`, `<eoi>` in the token rows,
 and its pixels live beside the rows, once per distinct picture file:
 
-    PACKED/pictures.u8      (count, size, size, 3) uint8 RGB, pictures at the encoder's input size
+    PACKED/pictures.u8      (count, size, size, 3) uint8 RGB, pictures at the encoder's input size (pictures-b.u8
+                            after a re-prepare: see packing.DatasetStaging)
     PACKED/shards/*.pictures   (rows, seq_len + 1) int32 per token: picture * placeholders + patch at each
                                placeholder, -1 elsewhere (so a picture split across rows keeps its patch order)
 
@@ -45,41 +46,51 @@ class ContinuousPictures:
             raise KeyError(f"{where}: picture {segment.path} was not registered")
         return self.numbers[segment.path]
 
-    def write(self, out: Path) -> dict:
-        """Load, square-crop and resize every picture into out/pictures.u8 (atomically); returns its description.
-        A missing or corrupt picture names the file and the first document that uses it."""
+    def write(self, target: Path) -> dict:
+        """Load, square-crop and resize every picture into `target` (a packed dataset's pictures.u8, written
+        atomically); returns its description. A missing or corrupt picture names the file and the first
+        document that uses it, and leaves nothing behind."""
         from vqtok.images import BadImageError, load_rgb, preprocess
 
         shape = (len(self), self.image_size, self.image_size, 3)
-        building = out / (PIXELS_FILE + ".building")
+        building = target.with_name(target.name + ".building")
         if not len(self):
-            (out / PIXELS_FILE).write_bytes(b"")
-            return self.describe()
+            target.write_bytes(b"")
+            return self.describe(target.name)
         pixels = np.memmap(building, dtype=np.uint8, mode="w+", shape=shape)
-        for path, number in self.numbers.items():
-            try:
-                pixels[number] = preprocess(load_rgb(path), self.image_size)
-            except BadImageError as err:
-                raise ValueError(f"{self.where[path]}: cannot read picture {err.path}: {err.reason}") from None
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{self.where[path]}: picture not found: {path}") from None
-        pixels.flush()
+        try:
+            for path, number in self.numbers.items():
+                try:
+                    pixels[number] = preprocess(load_rgb(path), self.image_size)
+                except BadImageError as err:
+                    raise ValueError(f"{self.where[path]}: cannot read picture {err.path}: {err.reason}") from None
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"{self.where[path]}: picture not found: {path}") from None
+            pixels.flush()
+        except BaseException:
+            del pixels
+            building.unlink(missing_ok=True)
+            raise
         del pixels
-        os.replace(building, out / PIXELS_FILE)
-        return self.describe()
+        os.replace(building, target)
+        return self.describe(target.name)
 
-    def describe(self) -> dict:
-        return {"file": PIXELS_FILE, "count": len(self), "image_size": self.image_size,
-                "placeholders": self.placeholders}
+    def describe(self, file: str = PIXELS_FILE) -> dict:
+        return {"file": file, "count": len(self), "image_size": self.image_size, "placeholders": self.placeholders}
 
 
 def open_pixels(root: Path, description: dict) -> np.ndarray:
     """The (count, size, size, 3) uint8 pixels of a continuous-path dataset, checked against dataset.json."""
-    path = root / description["file"]
-    size = description["image_size"]
-    expected = description["count"] * size * size * 3
+    from vqtok.files import confined
+
+    try:
+        path = confined(root, description["file"], f"{root / 'dataset.json'} pictures.file")
+        size, count = int(description["image_size"]), int(description["count"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{root / 'dataset.json'}: malformed pictures entry ({err})") from None
+    expected = count * size * size * 3
     if not path.is_file() or path.stat().st_size != expected:
         raise ValueError(f"{path}: missing or truncated (expected {expected} bytes); re-run `unified-lm prepare`")
     if not expected:
         return np.zeros((0, size, size, 3), np.uint8)
-    return np.memmap(path, dtype=np.uint8, mode="r", shape=(description["count"], size, size, 3))
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(count, size, size, 3))

@@ -6,8 +6,9 @@ store's recorded source root), by `image_ref` into a named store, or encoded by 
 Documents are parsed into memory (text and image references, not pixels or codes); the packed output is
 written shard by shard and read back memory-mapped. Every image's
 tokenizer must match the vocabulary (codebook size, and weights when the vocabulary recorded them).
-The same inputs and seed give byte-identical shards; dataset.json is written last, so an interrupted run never
-leaves a dataset that looks complete.
+The same inputs and seed give byte-identical shards. A run into a directory that already holds a dataset writes
+beside it and replaces it only once every document has been encoded (packing.DatasetStaging): bad input or an
+interruption leaves the old dataset intact.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from vqtok.token_store import ShardWriter, TokenStore
 
 from .documents import Document, ImageSegment, encode_document, read_documents
-from .packing import pack_documents, write_dataset
+from .packing import DatasetStaging, pack_documents, write_dataset
 from .pictures import ContinuousPictures
 from .text_corpus import read_texts
 from .vocab import Vocabulary
@@ -164,11 +165,12 @@ def prepare(documents_files: list[str], vocab_dir: str, out: str, settings: Prep
         if settings.placeholders <= 0:
             raise ValueError("placeholders must be positive for the continuous path (the adapter's features per picture)")
         pictures = ContinuousPictures(documents, settings.picture_size, settings.placeholders)
-        extra["pictures"] = pictures.write(out_path)
+        staging = DatasetStaging(out_path)
+        extra["pictures"] = pictures.write(staging.path("pictures"))
         extra["image_grids"] = {}
         encoded = (encode_document(documents[i], vocab, pictures=pictures) for i in order)
         rows = pack_documents(encoded, settings.seq_len + 1, vocab.special.pad, with_pictures=True)
-        return write_dataset(out_path, rows, vocab, settings.seq_len + 1, settings.rows_per_shard, extra)
+        return write_dataset(out_path, rows, vocab, settings.seq_len + 1, settings.rows_per_shard, extra, staging)
     # one cache per encode size: codes of the same picture at another resolution are another grid
     cache = out_path / f"image_tokens_{settings.image_resolution or 'native'}"
     images = ImageCodes(vocab, list(stores), tokenizer, cache, settings.image_resolution, device)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .documents import read_jsonl
+from .documents import check_keys, read_jsonl, unicode_text
 from .sampler import ContinuousPicture, Prompt
 
 PromptSpec = list  # segments: str (text) or Path (a picture file)
@@ -30,13 +30,16 @@ def read_prompt_file(path: str | os.PathLike) -> list[tuple[PromptSpec, int | No
     for where, record in read_jsonl(path, "prompts"):
         if not isinstance(record, dict) or ("segments" not in record and "text" not in record):
             raise ValueError(f"{where}: expected an object with 'segments' (or 'text')")
+        check_keys(record, ("segments", "text", "seed"), where)
         segments = record.get("segments", [{"text": record.get("text")}])
+        if not isinstance(segments, list) or not segments:
+            raise ValueError(f"{where}: 'segments' must be a non-empty list")
         spec: PromptSpec = []
         for segment in segments:
-            if isinstance(segment, dict) and isinstance(segment.get("text"), str):
-                spec.append(segment["text"])
-            elif isinstance(segment, dict) and isinstance(segment.get("image"), str):
-                spec.append((path.parent / segment["image"]).resolve())
+            if isinstance(segment, dict) and len(segment) == 1 and isinstance(segment.get("text"), str):
+                spec.append(unicode_text(segment["text"], where))
+            elif isinstance(segment, dict) and len(segment) == 1 and isinstance(segment.get("image"), str):
+                spec.append((path.parent / unicode_text(segment["image"], where)).resolve())
             else:
                 raise ValueError(f"{where}: each segment must be {{\"text\": str}} or {{\"image\": path}}, got {segment!r}")
         seed = record.get("seed")

@@ -71,6 +71,10 @@ class SamplingConfig:
             (self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}"),
             (self.guidance.mode in GUIDANCE, f"guidance.mode must be one of {', '.join(GUIDANCE)}, got {self.guidance.mode!r}"),
             (self.image.repetition_penalty == 1.0, "image.repetition_penalty is not supported (pictures repeat codes by nature)"),
+            # NaN/inf scales turn every guided logit into NaN: the picture would be drawn from argmax(NaN) = code 0
+            (math.isfinite(self.guidance.scale) and math.isfinite(self.guidance.image_scale),
+             f"guidance.scale and guidance.image_scale must be finite numbers, got {self.guidance.scale}, "
+             f"{self.guidance.image_scale}"),
         ]
         for name in ("text", "image"):
             settings: ModalitySampling = getattr(self, name)
@@ -78,7 +82,7 @@ class SamplingConfig:
                 (settings.temperature >= 0 and math.isfinite(settings.temperature), f"{name}.temperature must be >= 0"),
                 (settings.top_k >= 0, f"{name}.top_k must be >= 0 (0 = off)"),
                 (0.0 < settings.top_p <= 1.0, f"{name}.top_p must be in (0, 1]"),
-                (settings.repetition_penalty > 0, f"{name}.repetition_penalty must be positive"),
+                (0 < settings.repetition_penalty < math.inf, f"{name}.repetition_penalty must be positive and finite"),
             ]
         for ok, message in checks:
             if not ok:

@@ -37,9 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vqtok.checkpoint import load_weights
+from vqtok.checkpoint import WRONG_KIND, build_with_weights, config_kind, resolve_checkpoint
+from vqtok.files import read_json
 from vqtok.images import load_rgb, preprocess
-from vqtok.typed_config import apply_overrides, build_dataclass
+from vqtok.typed_config import apply_overrides, build_dataclass, out_of_bounds
 
 from .contrastive import info_nce_loss, sigmoid_loss
 from .vocab import Vocabulary
@@ -134,12 +135,13 @@ class EncoderConfig:
 
     def validate(self) -> EncoderConfig:
         vision, text, train = self.vision, self.text, self.train
+        check_vision(vision, "vision")
+        problems = out_of_bounds(self, {"text.vocab_size": (0, 1 << 22), "text.width": (1, 1 << 14),
+                                        "text.layers": (1, 256), "text.heads": (1, 256), "text.max_text_len": (2, 1 << 16),
+                                        "embed_dim": (1, 1 << 14)})
+        if problems:
+            raise ValueError("invalid encoder config: " + "; ".join(problems))
         checks = [
-            (vision.patch_size > 0 and vision.image_size >= vision.patch_size,
-             f"vision.image_size {vision.image_size} must be >= vision.patch_size {vision.patch_size} > 0"),
-            (vision.image_size % vision.patch_size == 0,
-             f"vision.image_size {vision.image_size} must be a multiple of vision.patch_size {vision.patch_size}"),
-            (vision.pool in POOLS, f"vision.pool must be one of {POOLS}, got {vision.pool!r}"),
             (text.max_text_len >= 2, "text.max_text_len must be >= 2 (<bos> and <eos>)"),
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
             (self.embed_dim > 0, "embed_dim must be positive"),
@@ -153,16 +155,28 @@ class EncoderConfig:
              "train.log_every and train.checkpoint_every must be positive, train.eval_every >= 0"),
             (train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         ]
-        for tower, settings in (("vision", vision), ("text", text)):
-            checks += [(settings.width > 0 and settings.layers > 0 and settings.heads > 0,
-                        f"{tower}.width, {tower}.layers and {tower}.heads must be positive"),
-                       (settings.width % max(1, settings.heads) == 0,
-                        f"{tower}.width {settings.width} must be divisible by {tower}.heads {settings.heads}"),
-                       (settings.mlp_ratio > 0, f"{tower}.mlp_ratio must be positive")]
+        checks += [(text.width % text.heads == 0, f"text.width {text.width} must be divisible by text.heads {text.heads}"),
+                   (0 < text.mlp_ratio <= 64, "text.mlp_ratio must be in (0, 64]")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid encoder config: {message}")
         return self
+
+
+def check_vision(vision: VisionConfig, where: str) -> None:
+    """The image encoder's sizes and shape rules (`where`: the config position, for the message)."""
+    problems = [f"{where}.{p}" for p in out_of_bounds(vision, {"image_size": (1, 4096), "patch_size": (1, 1024),
+                                                                "width": (1, 1 << 14), "layers": (1, 256),
+                                                                "heads": (1, 256)})]
+    if not problems:
+        checks = [(vision.image_size % vision.patch_size == 0,
+                   f"image_size {vision.image_size} must be a multiple of patch_size {vision.patch_size}"),
+                  (vision.width % vision.heads == 0, f"width {vision.width} must be divisible by heads {vision.heads}"),
+                  (0 < vision.mlp_ratio <= 64, "mlp_ratio must be in (0, 64]"),
+                  (vision.pool in POOLS, f"pool must be one of {POOLS}, got {vision.pool!r}")]
+        problems = [f"{where}.{message}" for ok, message in checks if not ok]
+    if problems:
+        raise ValueError("invalid encoder config: " + "; ".join(problems))
 
 
 def _tiny() -> EncoderConfig:
@@ -386,31 +400,21 @@ def load_pictures(paths: Sequence[str | os.PathLike], image_size: int) -> torch.
     return pixels_from_uint8(read_pictures_uint8(paths, image_size))
 
 
+ENCODER_FILES = ("model.safetensors", "config.json", "vocab/vocab.json")  # what zero-shot eval and training read
+
+
 def resolve_encoder(path: str | os.PathLike) -> Path:
-    """An encoder run directory (follows RUN/latest) or a checkpoint directory -> the checkpoint directory."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    latest = path / "latest"
-    if latest.is_file():
-        target = path / CHECKPOINT_DIR / latest.read_text().strip()
-        if (target / "model.safetensors").is_file():
-            return target
-        raise FileNotFoundError(f"{latest} names {target}, which holds no model.safetensors")
-    if not path.exists():
-        raise FileNotFoundError(f"encoder checkpoint not found: {path}")
-    raise FileNotFoundError(f"{path} is neither an encoder run (no 'latest' file) nor a checkpoint directory "
-                            "(no model.safetensors)")
+    """An encoder run directory (its latest complete checkpoint) or a checkpoint directory -> the checkpoint."""
+    return resolve_checkpoint(path, ENCODER_FILES, "encoder")
 
 
 def read_encoder_config(directory: Path) -> EncoderConfig:
     config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"encoder checkpoint {directory} is incomplete: missing config.json")
+    data = read_json(config_path, what="encoder checkpoint config")
+    if config_kind(data) in ("vqtok", "unified_lm"):
+        raise ValueError(f"{directory} is {WRONG_KIND[config_kind(data)]}, not an image-encoder checkpoint")
     try:
-        return EncoderConfig.from_dict(json.loads(config_path.read_text())).validate()
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: invalid JSON ({err})") from None
+        return EncoderConfig.from_dict(data).validate()
     except ValueError as err:
         raise ValueError(f"{config_path}: {err}") from None
 
@@ -429,6 +433,5 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise ValueError(f"{directory / 'config.json'}: text.vocab_size {config.text.vocab_size} / pad_id "
                          f"{config.text.pad_id} do not match the checkpoint's vocabulary ({vocab.image_offset} text "
                          f"and special ids, <pad> {vocab.special.pad})")
-    model = ContrastiveModel(config)
-    load_weights(model, directory / "model.safetensors")  # names and shapes checked against config.json
+    model = build_with_weights(lambda: ContrastiveModel(config), directory / "model.safetensors")
     return model.to(device).eval(), config

@@ -33,7 +33,11 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from vqtok.files import read_json
+
 FORMAT = "unified-lm-vocab/1"
+MAX_CODEBOOK_SIZE = 1 << 20  # image codes; real tokenizers use 8192-262144
+MAX_VOCAB_SIZE = 1 << 22  # every id; the id tables below are allocated at this size, so it is checked first
 CONVERTED_FORMAT = "unified-lm-vocab/2"
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<boi>", "<eoi>", "<image>")
 TEXT_MODEL_FILE = "text.model"
@@ -106,8 +110,11 @@ class Vocabulary:
 
     def __init__(self, text_model: bytes, codebook_size: int, tokenizer: dict | None = None,
                  text_kind: str = "sentencepiece", layout: dict | None = None):
-        if codebook_size <= 0:
-            raise ValueError(f"codebook_size must be positive, got {codebook_size}")
+        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or not 0 < codebook_size <= MAX_CODEBOOK_SIZE:
+            raise ValueError(f"codebook_size must be an integer in [1, {MAX_CODEBOOK_SIZE}], got {codebook_size!r}")
+        if layout is not None and not (isinstance(layout.get("size"), int) and 0 < layout["size"] <= MAX_VOCAB_SIZE):
+            raise ValueError(f"vocabulary layout: size must be an integer in [1, {MAX_VOCAB_SIZE}], "
+                             f"got {layout.get('size')!r}")
         self.text = TextModel(text_model, text_kind)
         self.codebook_size = int(codebook_size)
         self.tokenizer = dict(tokenizer or {})  # identity of the vqtok tokenizer the codes come from
@@ -116,6 +123,8 @@ class Vocabulary:
             base = self.text.size
             self.special = SpecialIds(*(base + i for i in range(len(SPECIAL_TOKENS))))
             self.size = base + len(SPECIAL_TOKENS) + self.codebook_size
+            if self.size > MAX_VOCAB_SIZE:
+                raise ValueError(f"vocabulary of {self.size} ids exceeds {MAX_VOCAB_SIZE}")
             image_token_ids = np.arange(base + len(SPECIAL_TOKENS), self.size, dtype=np.int64)
             text_ids = np.arange(base, dtype=np.int64)
         else:
@@ -162,6 +171,11 @@ class Vocabulary:
 
     # -- text ---------------------------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # sentencepiece would fail with an unreadable pybind11 error
+            raise ValueError(f"text {text[max(0, err.start - 20) : err.start + 20]!r} holds a lone surrogate at character "
+                             f"{err.start}: not Unicode text") from None
         return self.text.encode(text)
 
     def decode_text(self, ids: Sequence[int]) -> str:
@@ -255,10 +269,7 @@ class Vocabulary:
         info_path = directory / VOCAB_FILE
         if not info_path.is_file():
             raise FileNotFoundError(f"vocabulary {directory}: missing {VOCAB_FILE} (make one with `unified-lm vocab`)")
-        try:
-            info = json.loads(info_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{info_path}: invalid JSON ({err})") from None
+        info = read_json(info_path)
         if info.get("format") not in (FORMAT, CONVERTED_FORMAT):
             raise ValueError(f"{info_path}: unsupported vocabulary format {info.get('format')!r}")
         kind = info.get("text_kind", "sentencepiece")
@@ -266,13 +277,19 @@ class Vocabulary:
         if not model_path.is_file():
             raise FileNotFoundError(f"vocabulary {directory}: missing {model_path.name}")
         try:
-            vocab = cls(model_path.read_bytes(), int(info["codebook_size"]), info.get("tokenizer"), kind,
-                        info.get("layout") if info["format"] == CONVERTED_FORMAT else None)
+            layout = info.get("layout") if info["format"] == CONVERTED_FORMAT else None
+            if not isinstance(info.get("tokenizer") or {}, dict) or not isinstance(layout or {}, dict):
+                raise TypeError("tokenizer and layout must be objects")
+            vocab = cls(model_path.read_bytes(), info["codebook_size"], info.get("tokenizer"), kind, layout)
             consistent = vocab.describe()["text_model_sha256"] == info["text_model_sha256"] and vocab.size == info["size"]
         except KeyError as err:
             raise ValueError(f"{info_path}: missing field {err.args[0]!r}") from None
         except (RuntimeError, UnicodeDecodeError) as err:
             raise ValueError(f"{model_path}: not a {kind} text model ({err})") from None
+        except ValueError as err:
+            raise ValueError(f"{info_path}: {err}") from None
+        except (TypeError, IndexError) as err:
+            raise ValueError(f"{info_path}: malformed vocabulary ({err})") from None
         except Exception as err:  # tokenizers raises a plain Exception for a malformed tokenizer.json
             if kind != "tokenizers" or isinstance(err, (ValueError, OSError)):
                 raise
