@@ -5,8 +5,12 @@
     deepspeed --hostfile hosts scripts/train_unified.py ...          # multi-node (see README)
     python scripts/train_unified.py --model tiny --data ... --out ...  # single process, no launcher (CPU or GPU)
 
---resume continues from RUN/latest exactly (same data position, same next loss); the model section of the
-config must match the run's. Exit status: 0 done, 2 bad arguments/config/data, 3 the loss diverged.
+--resume continues from RUN/latest exactly (same data position, same next loss), from the run's own resume state
+(safetensors + JSON: nothing is unpickled); when the checkpoint `latest` names is incomplete or damaged, from the
+newest complete one, saying so. --resume-trust-deepspeed resumes from DeepSpeed's pickled checkpoint instead
+(unpickling can run code: only for runs you wrote yourself, and refused unless you own the files). The model
+section of the config must match the run's. Exit status: 0 done, 2 bad arguments/config/data/checkpoint (one
+line naming the file or field), 3 the loss diverged.
 """
 from __future__ import annotations
 
@@ -23,7 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from unified_lm.config import UnifiedConfig, load_config
 from unified_lm.packing import PackedDataset
 from unified_lm.vocab import Vocabulary
+from vqtok.cli import error_line
+from vqtok.files import read_json
 from vqtok.typed_config import parse_overrides
+
+BAD_INPUT = (ValueError, OSError, KeyError, MemoryError, RuntimeError)  # one line, exit 2 (see vqtok.cli.error_line)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,13 +42,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. train.lr=3e-4 or model.norm_reordering=true")
     parser.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN/latest")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/latest (the run's own resume state)")
+    parser.add_argument("--resume-trust-deepspeed", action="store_true",
+                        help="continue from DeepSpeed's own pickled checkpoint instead (unpickling runs code: only "
+                        "runs you wrote; refused unless you own the files); implies --resume")
     parser.add_argument("--restart", action="store_true", help="delete RUN's checkpoints and log, start at step 0")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument("--deepspeed_config", help="DeepSpeed JSON config (configs/deepspeed/zero{1,2,3}.json)")
     parser.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed-launcher compatibility")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.resume = args.resume or args.resume_trust_deepspeed
+    return args
 
 
 def fill_picture_encoder(config: UnifiedConfig) -> None:
@@ -60,7 +73,7 @@ def fill_picture_encoder(config: UnifiedConfig) -> None:
         from unified_lm.checkpoint import resolve_run
 
         source = resolve_run(config.train.init_from) / "config.json"
-        initial = UnifiedConfig.from_dict(json.loads(source.read_text())).model.picture
+        initial = UnifiedConfig.from_dict(read_json(source)).model.picture
         if initial.encoder:
             config.model.picture = initial
 
@@ -88,12 +101,21 @@ def build_config(args: argparse.Namespace, dataset: PackedDataset, out: Path) ->
                              f"was trained on vocabulary {fingerprint}; the ids would mean different tokens")
     saved = out / "config.json"
     if args.resume and saved.is_file():
-        previous = UnifiedConfig.from_dict(json.loads(saved.read_text()))
+        previous = UnifiedConfig.from_dict(read_json(saved))
         if previous.model != config.model:
             changed = [k for k in config.model.__dataclass_fields__
                        if getattr(previous.model, k) != getattr(config.model, k)]
             raise ValueError(f"--resume: the model config differs from the run's {saved} in {changed}")
     return config
+
+
+def fail(err: BaseException, verbose: bool = False) -> int:
+    print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,28 +130,27 @@ def main(argv: list[str] | None = None) -> int:
         has_checkpoint = (out / "latest").is_file()
         if has_checkpoint and not (args.resume or args.restart):
             raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue or --restart to start over")
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as err:
+        return fail(err)
     ensure_launch_env()
     rank = int(os.environ["RANK"])
     if args.restart and rank == 0:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         for stale in ("latest", "log.jsonl", "loss.png"):
             (out / stale).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(config, dataset, out, args.deepspeed_config, args.device)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as err:
+        return fail(err)
     try:
         try:
-            if args.resume and trainer.resume():
-                print(f"[train] resumed {out} at step {trainer.step}", flush=True)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            if args.resume and trainer.resume(trust_deepspeed=args.resume_trust_deepspeed):
+                source = "DeepSpeed's checkpoint" if args.resume_trust_deepspeed else "its resume state"
+                print(f"[train] resumed {out} at step {trainer.step} from {trainer.resumed_from.name} ({source})",
+                      flush=True)
+        except BAD_INPUT as err:
+            return fail(err)
         if rank == 0:
             (out / "config.json").write_text(config.to_json())
             dataset.vocab.save(out / "vocab")
@@ -147,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr, flush=True)
         return 3
+    except (ValueError, OSError, KeyError, MemoryError) as err:  # a damaged dataset row, a full disk, ...
+        return fail(err)
     finally:
         import torch.distributed as dist
 

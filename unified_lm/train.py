@@ -13,12 +13,16 @@ Run directory:
     RUN/loss.png                        loss curves (total, text, image), redrawn at each checkpoint
     RUN/latest                          names the newest complete checkpoint
     RUN/checkpoints/step_00000300/
-        model.safetensors config.json meta.json  weights to share and sample from (nothing pickled)
-        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's resume state (torch pickles: only resume
-                                                     runs you wrote yourself)
+        model.safetensors config.json meta.json vocab/  weights to share and sample from (nothing pickled)
+        resume/rank00000.{safetensors,json}   the run's own resume state, per rank (resume.py): what --resume reads
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's checkpoint (torch pickles): read only with
+                                                     --resume-trust-deepspeed, and only from your own files
+        files.json                          every file above with its size, written last (a complete checkpoint)
 
 The batch of every step is a pure function of the step number (`packing.batch_indices`) and the dropout RNG is
-re-seeded from (seed, step, rank), so `--resume` continues exactly: same data position, same next loss.
+re-seeded from (seed, step, rank), so `--resume` continues exactly: same data position, same next loss. A
+checkpoint that `latest` names but that is incomplete or damaged is skipped, with a message, for the newest
+complete one (vqtok.checkpoint.choose_checkpoint); pruning deletes damaged checkpoints, never the good ones.
 """
 from __future__ import annotations
 
@@ -34,7 +38,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vqtok.checkpoint import atomic_write_text
+from vqtok.checkpoint import (
+    atomic_write_text,
+    checkpoint_problem,
+    checkpoint_dirs,
+    choose_checkpoint,
+    prune_checkpoints,
+    write_manifest,
+)
+from vqtok.files import read_json
 from vqtok.distributed import free_port
 
 from .checkpoint import untrained_model, write_model_files
@@ -42,10 +54,13 @@ from .config import UnifiedConfig
 from .model import ModelOutput, OutputHead, UnifiedTransformer
 from .packing import PackedDataset, batch_indices
 from .plot import plot_losses
+from .resume import check_storable, check_written_by_you, load_resume_state, save_resume_state
 
 log = logging.getLogger("unified_lm")
 
 CHECKPOINT_DIR = "checkpoints"
+RESUME_FILES = ("model.safetensors", "config.json", "resume/rank*.json", "resume/rank*.safetensors")  # --resume
+DEEPSPEED_FILES = ("model.safetensors", "*model_states.pt", "*.pt")  # --resume-trust-deepspeed
 # Dense bf16 tensor-core peak per GPU, FLOP/s, for the MFU estimate (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -78,13 +93,14 @@ def resolve_deepspeed_config(path: str | None, train: UnifiedConfig, world_size:
     sets them differently is refused. "bf16": {"enabled": "auto"} means bf16 on CUDA, fp32 on CPU.
     """
     config: dict = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}
+    where = f"DeepSpeed config {path}"
     if path:
-        try:
-            config = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"DeepSpeed config not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"DeepSpeed config {path}: invalid JSON ({err})") from None
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+        config = read_json(path, what="DeepSpeed config")
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if not isinstance(config.get(section, {}), dict):
+            raise ValueError(f"{where}: {section} must be an object, got {config[section]!r}")
     settings = train.train
     owned = {"train_micro_batch_size_per_gpu": settings.micro_batch_size,
              "gradient_accumulation_steps": settings.grad_accum_steps,
@@ -92,11 +108,11 @@ def resolve_deepspeed_config(path: str | None, train: UnifiedConfig, world_size:
              "gradient_clipping": settings.grad_clip}
     for key, value in owned.items():
         if key in config and config[key] not in ("auto", value):
-            raise ValueError(f"DeepSpeed config {path}: {key}={config[key]} disagrees with the training config "
+            raise ValueError(f"{where}: {key}={config[key]!r} disagrees with the training config "
                              f"({value}); set it with --set train.* instead, or write \"auto\"")
         config[key] = value
     if "optimizer" in config or "scheduler" in config:
-        raise ValueError(f"DeepSpeed config {path}: remove 'optimizer'/'scheduler'; AdamW and the lr schedule come "
+        raise ValueError(f"{where}: remove 'optimizer'/'scheduler'; AdamW and the lr schedule come "
                          "from the training config (train.lr, train.schedule, ...)")
     for precision in ("bf16", "fp16"):
         section = config.setdefault(precision, {"enabled": False})
@@ -104,9 +120,12 @@ def resolve_deepspeed_config(path: str | None, train: UnifiedConfig, world_size:
             section["enabled"] = precision == "bf16" and on_cuda
     if config["fp16"].get("enabled"):
         raise ValueError("fp16 is not supported (z-loss and QK-norm assume bf16's range); use bf16")
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"DeepSpeed config {path}: zero_optimization.stage must be 0-3, got {stage}")
+    zero = config.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if isinstance(stage, str) and stage.strip() in ("0", "1", "2", "3"):  # DeepSpeed itself accepts "2"
+        stage = zero["stage"] = int(stage)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     config.setdefault("steps_per_print", 1 << 30)  # our own log lines instead
     return config
 
@@ -206,6 +225,8 @@ class Trainer:
                  deepspeed_config: str | None, device: str | None = None):
         self.config, self.dataset, self.out = config, dataset, Path(out)
         on_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+        # the DeepSpeed file is checked before any process group exists: a bad one fails fast, on every rank
+        self.ds_config = resolve_deepspeed_config(deepspeed_config, config, int(os.environ["WORLD_SIZE"]), on_cuda)
         deepspeed = import_deepspeed(on_cpu=not on_cuda)
         deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -216,7 +237,6 @@ class Trainer:
         else:  # share the cores between the processes on this machine
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        self.ds_config = resolve_deepspeed_config(deepspeed_config, config, self.world_size, on_cuda)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         if self.zero_stage == 3:  # build partitioned: a model too large for one device never exists whole
             torch.manual_seed(config.train.seed)  # identical initial weights on every rank
@@ -242,7 +262,9 @@ class Trainer:
 
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config)
+        check_storable(self.engine)  # the resume state must be writable before any step is spent
         self.step = 0
+        self.resumed_from: Path | None = None
         self.peak_flops = peak_flops(self.device)
 
     @property
@@ -265,21 +287,40 @@ class Trainer:
                 "grad_accum_steps": train.grad_accum_steps, "seed": train.seed, **self.dataset.identity}
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    def resume(self) -> bool:
-        latest = self.out / "latest"
-        if not latest.is_file():
-            return False
-        tag = latest.read_text().strip()
-        load_path, client_state = self.engine.load_checkpoint(str(self.out / CHECKPOINT_DIR), tag=tag)
-        if load_path is None:
-            raise FileNotFoundError(f"{latest} names {tag}, but DeepSpeed could not load {self.out / CHECKPOINT_DIR / tag}")
-        saved = client_state.get("data_order", {})
-        changed = {key: (saved.get(key), value) for key, value in self.data_order.items() if saved.get(key) != value}
+    def resume(self, trust_deepspeed: bool = False) -> bool:
+        """Continue from the run's checkpoint: the one RUN/latest names, or, when that one is incomplete or
+        damaged, the newest complete one (with a message). Reads the run's own resume state (resume.py; nothing
+        unpickled) unless trust_deepspeed, which loads DeepSpeed's pickled checkpoint instead, from files you own.
+        Returns whether a checkpoint was loaded."""
+        required = DEEPSPEED_FILES if trust_deepspeed else RESUME_FILES
+        directory, note = choose_checkpoint(self.out, required)
+        if directory is None:
+            if note is None:
+                return False
+            hint = ""
+            if not trust_deepspeed and any(checkpoint_problem(d, DEEPSPEED_FILES) is None
+                                           for d in checkpoint_dirs(self.out / CHECKPOINT_DIR)):
+                hint = (" (checkpoints from before the resume state hold only DeepSpeed's pickled state: pass "
+                        "--resume-trust-deepspeed if you wrote them yourself)")
+            raise FileNotFoundError(f"--resume of {self.out}: {note}{hint}")
+        if note and self.rank == 0:
+            print(f"[train] warning: {note}", flush=True)
+        if trust_deepspeed:
+            check_written_by_you(directory)
+            load_path, saved = self.engine.load_checkpoint(str(self.out / CHECKPOINT_DIR), tag=directory.name)
+            if load_path is None:
+                raise FileNotFoundError(f"DeepSpeed could not load {directory}")
+        else:
+            saved = load_resume_state(self.engine, directory, self.rank, self.world_size, self.zero_stage)
+        saved_order = saved.get("data_order", {})
+        changed = {key: (saved_order.get(key), value) for key, value in self.data_order.items()
+                   if saved_order.get(key) != value}
         if changed:
             raise ValueError(f"--resume of {self.out}: the data order would differ from the interrupted run "
                              f"(saved, now): {changed}; resume with the same dataset, world size, micro-batch, "
                              "accumulation and seed, or start a new run")
-        self.step = int(client_state["step"])
+        self.step = int(saved["step"])
+        self.resumed_from = directory
         if self.rank == 0:  # drop log lines written after this checkpoint by the interrupted run
             self._truncate_log(self.step)
         return True
@@ -287,8 +328,12 @@ class Trainer:
     def save(self) -> Path:
         tag = f"step_{self.step:08d}"
         directory = self.out / CHECKPOINT_DIR / tag
-        self.engine.save_checkpoint(str(self.out / CHECKPOINT_DIR), tag=tag, save_latest=False,
-                                    client_state={"step": self.step, "data_order": self.data_order})
+        if self.rank == 0 and directory.exists():  # the same step saved again after a resume: no stale files
+            shutil.rmtree(directory)
+        dist.barrier()
+        progress = {"step": self.step, "data_order": self.data_order}
+        self.engine.save_checkpoint(str(self.out / CHECKPOINT_DIR), tag=tag, save_latest=False, client_state=progress)
+        save_resume_state(self.engine, directory, self.rank, self.world_size, self.zero_stage, progress)
         if self.zero_stage == 3:  # every rank takes part in gathering the partitions
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
@@ -300,6 +345,9 @@ class Trainer:
                     # parameters in the optimizer (the rest is frozen and has no optimizer state)
                     "trainable_parameters": self.trainable_parameters}
             write_model_files(directory, state, self.config, self.dataset.vocab, meta)
+        dist.barrier()  # every rank's files are on disk: the checkpoint is complete
+        if self.rank == 0:
+            write_manifest(directory)
             atomic_write_text(self.out / "latest", tag + "\n")
             self._prune()
             plot_losses(self.out / "log.jsonl", self.out / "loss.png")
@@ -307,9 +355,8 @@ class Trainer:
         return directory
 
     def _prune(self) -> None:
-        done = sorted(p for p in (self.out / CHECKPOINT_DIR).glob("step_*") if (p / "model.safetensors").is_file())
-        for old in done[: max(0, len(done) - self.config.train.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Keep the newest keep_checkpoints checkpoints that either resume path can use; delete the rest."""
+        prune_checkpoints(self.out / CHECKPOINT_DIR, self.config.train.keep_checkpoints, RESUME_FILES, DEEPSPEED_FILES)
 
     def _truncate_log(self, step: int) -> None:
         path = self.out / "log.jsonl"
