@@ -98,3 +98,24 @@ def lm_data(tmp_path_factory):
             PrepareSettings(seq_len=64, split="train", rows_per_shard=16), stores=[str(root / "tokens")])
     return SimpleNamespace(root=root, world=world, tokens=root / "tokens", vocab_dir=root / "vocab", vocab=vocab,
                            packed=root / "packed", documents=world / "documents.jsonl")
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory, lm_data, tiny_run):
+    """A unified_lm run directory (latest -> one checkpoint) of an untrained `tiny` model over a vocabulary built
+    for `tiny_run`'s tokenizer (so sampling and eval can encode and decode pictures): written directly, no
+    DeepSpeed, in a second. Returns (run directory, vocabulary directory)."""
+    from unified_lm.checkpoint import untrained_model, write_model_files
+    from unified_lm.config import preset
+    from unified_lm.vocab import build_vocabulary
+    from vqtok.checkpoint import read_checkpoint
+
+    root = tmp_path_factory.mktemp("lm_run")
+    _, _, meta = read_checkpoint(tiny_run)
+    vocab = build_vocabulary(root / "vocab", None, 0, 64, meta["tokenizer"], lm_data.vocab_dir / "text.model")
+    config = preset("tiny")
+    config.model.vocab_size = vocab.size
+    write_model_files(root / "run" / "checkpoints" / "step_00000001", untrained_model(config).state_dict(), config,
+                      vocab, {"step": 1, "image_grids": {"16x16": 1}})
+    (root / "run" / "latest").write_text("step_00000001\n")
+    return root / "run", root / "vocab"

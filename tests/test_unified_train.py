@@ -59,6 +59,16 @@ def resume_from(run: Path, copy: Path, step: int) -> None:
     (copy / "latest").write_text(f"step_{step:08d}\n")
 
 
+def craft_pickle(path: Path, marker: Path) -> None:
+    """Replace a DeepSpeed checkpoint file by a pickle that creates `marker` when it is unpickled."""
+    script = ("import os, sys, torch\n"
+              "class Boom:\n"
+              "    def __reduce__(self):\n"
+              "        return (os.system, ('touch ' + sys.argv[2],))\n"
+              "torch.save({'module': Boom()}, sys.argv[1])\n")
+    subprocess.run([sys.executable, "-c", script, str(path), str(marker)], check=True, env=_env())
+
+
 @pytest.mark.slow
 def test_one_process_with_accumulation_lowers_loss_and_resumes_exactly(lm_data, tmp_path):
     run = tmp_path / "run"
@@ -88,15 +98,33 @@ def test_one_process_with_accumulation_lowers_loss_and_resumes_exactly(lm_data, 
     # an existing run is not silently overwritten
     refused = train(lm_data.packed, run, "--steps", "8", check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    # resume from step 4: steps 5..8 repeat the uninterrupted run's losses exactly
+    # resume from step 4: steps 5..8 repeat the uninterrupted run's losses exactly. The copy's latest names a
+    # missing checkpoint and step 8's resume state is truncated, so resume falls back to step 4 (and says so);
+    # step 4's DeepSpeed pickle is replaced by one that runs code: the default resume never unpickles it.
     resumed = tmp_path / "resumed"
-    resume_from(run, resumed, 4)
+    resume_from(run, resumed, 9)
+    state = resumed / "checkpoints/step_00000008/resume/rank00000.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    marker = tmp_path / "PWNED"
+    craft_pickle(resumed / "checkpoints/step_00000004/mp_rank_00_model_states.pt", marker)
     result = train(lm_data.packed, resumed, "--steps", "8", "--resume", "--set", "train.checkpoint_every=4",
                    "--deepspeed_config", ZERO[2], *accumulate)
-    assert "resumed" in result.stdout and "at step 4" in result.stdout
+    assert "latest names step_00000009, which cannot be used: step_00000009 does not exist" in result.stdout
+    assert "using step_00000004, the newest complete checkpoint" in result.stdout
+    assert "resumed" in result.stdout and "at step 4" in result.stdout and "(its resume state)" in result.stdout
+    assert not marker.exists(), "resume unpickled DeepSpeed's state"
     again = log(resumed)
     assert [r["step"] for r in again] == list(range(1, 9))  # lines after step 4 were replaced, not duplicated
     for a, b in zip(records[4:], again[4:]):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.is_dir()) == ["step_00000004", "step_00000008"]
+    # the same from DeepSpeed's own (pickled) checkpoint, when asked for: exact too
+    trusted = tmp_path / "trusted"
+    resume_from(run, trusted, 4)
+    result = train(lm_data.packed, trusted, "--steps", "8", "--resume-trust-deepspeed", "--set",
+                   "train.checkpoint_every=4", "--deepspeed_config", ZERO[2], *accumulate)
+    assert "at step 4" in result.stdout and "(DeepSpeed's checkpoint)" in result.stdout
+    for a, b in zip(records[4:], log(trusted)[4:]):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
     # a resume that would change the data order is refused, not silently misaligned
     changed = train(lm_data.packed, resumed, "--steps", "12", "--resume", "--deepspeed_config", ZERO[2],
@@ -118,13 +146,15 @@ def test_two_processes_deepspeed_launcher(lm_data, tmp_path, stage):
 
     weights = load_file(run / "checkpoints/step_00000008/model.safetensors")
     assert weights["embed.weight"].shape == (lm_data.vocab.size, 64)  # gathered whole, also under ZeRO-3
-    if stage == 3:  # resume under ZeRO-3 with partitioned optimizer state
+    if stage == 3:  # resume under ZeRO-3 with partitioned optimizer state, from each rank's own resume state
         resumed = tmp_path / "resumed"
         resume_from(run, resumed, 4)
         train(lm_data.packed, resumed, "--steps", "8", "--resume", "--set", "train.checkpoint_every=4",
               "--deepspeed_config", ZERO[stage], processes=2)
+        assert sorted(p.name for p in (resumed / "checkpoints/step_00000008/resume").iterdir()) == [
+            "rank00000.json", "rank00000.safetensors", "rank00001.json", "rank00001.safetensors"]
         for a, b in zip(records[4:], log(resumed)[4:]):
-            assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+            assert a["loss"] == b["loss"], (a, b)
 
 
 @pytest.mark.slow
@@ -183,6 +213,76 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(lm_data, tmp_path):
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints/step_00000002/model.safetensors").values())
+
+
+EXACT_RESUME = textwrap.dedent("""
+    import json, shutil, sys
+    from pathlib import Path
+    from unified_lm.config import preset
+    from unified_lm.packing import PackedDataset
+    from unified_lm.train import Trainer, ensure_launch_env
+    ensure_launch_env()
+    data, work = PackedDataset(sys.argv[1]), Path(sys.argv[2])
+
+    def trainer(out, stage, bf16):
+        config = preset("tiny").with_overrides({"train.steps": 4, "train.seq_len": data.seq_len, "model.dropout": 0.1,
+                                                "train.micro_batch_size": 2, "train.grad_accum_steps": 2})
+        config.model.vocab_size = data.vocab.size
+        ds = work / f"zero{stage}-{bf16}.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}))
+        return Trainer(config, data, out, str(ds))
+
+    def losses(t, steps):  # each step's summed loss (token-weighted), saving every 2 steps
+        out = []
+        for _ in range(steps):
+            out.append(float(t.train_step(collect_stats=False).sums[0]))
+            t.step += 1
+            if t.step % 2 == 0:
+                t.save()
+        return out
+
+    results = []
+    for stage, bf16, trust in json.loads(sys.argv[3]):
+        out = work / f"run-{stage}-{bf16}-{trust}"
+        uninterrupted = losses(trainer(out, stage, bf16), 4)[2:]
+        (out / "latest").write_text("step_00000002\\n")
+        resumed = trainer(out, stage, bf16)
+        assert resumed.resume(trust_deepspeed=trust) and resumed.step == 2
+        results.append([stage, bf16, trust, uninterrupted, losses(resumed, 2)])
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.slow
+def test_exact_resume_under_every_zero_stage_from_either_state(lm_data, tmp_path):
+    """Steps 3-4 after resuming at step 2 give bit-identical losses (dropout on) to the uninterrupted run, from the
+    run's own resume state (ZeRO 0, 1, 3, and 2 under bf16) and from DeepSpeed's checkpoint (ZeRO 0, 1, 3);
+    ZeRO-2 in fp32 is covered for both by test_one_process_with_accumulation_lowers_loss_and_resumes_exactly."""
+    script = tmp_path / "exact_resume.py"
+    script.write_text(EXACT_RESUME)
+    cases = [[0, False, False], [1, False, False], [3, False, False], [2, True, False],
+             [0, False, True], [1, False, True], [3, False, True]]
+    result = subprocess.run([sys.executable, str(script), str(lm_data.packed), str(tmp_path), json.dumps(cases)],
+                            capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage, bf16, trust, uninterrupted, resumed in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert resumed == uninterrupted, (stage, bf16, trust, uninterrupted, resumed)
+
+
+def test_trusting_deepspeed_needs_files_only_you_can_write(tmp_path):
+    from unified_lm.resume import check_written_by_you
+
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (tmp_path / "mp_rank_00_model_states.pt").chmod(0o644)
+    tmp_path.chmod(0o755)
+    check_written_by_you(tmp_path)
+    (tmp_path / "mp_rank_00_model_states.pt").chmod(0o664)
+    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt is writable by other users"):
+        check_written_by_you(tmp_path)
+    (tmp_path / "mp_rank_00_model_states.pt").chmod(0o644)
+    (tmp_path / "link.pt").symlink_to(tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(ValueError, match="symbolic link"):
+        check_written_by_you(tmp_path)
 
 
 @pytest.mark.parametrize("extra, message", [
