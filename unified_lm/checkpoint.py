@@ -77,8 +77,6 @@ def load_initial_weights(model: UnifiedTransformer, config: UnifiedConfig) -> No
     """Staged training's starting point: the image encoder of train.encoder_run (an `unified-lm encoder train`
     run), then every weight of train.init_from (a unified_lm run or checkpoint: the language model, which must
     match this config's, and its picture adapter and encoder when it has them). Names and shapes are checked."""
-    from safetensors.torch import load_file
-
     train = config.train
     if train.encoder_run:
         if model.picture_adapter is None:

@@ -32,9 +32,9 @@ import torch
 from safetensors.torch import save_file
 
 from .config import VQConfig
-from .files import atomic_write_text, confined, file_sha256, load_tensors, read_json, tensor_shapes
+# atomic_write_text and file_sha256 lived here before vqtok.files: importing them from here still works
+from .files import atomic_write_text, confined, file_sha256, load_tensors, read_json, tensor_shapes  # noqa: F401
 
-__all__ = ["atomic_write_text", "file_sha256"]  # re-exported: they lived here before vqtok.files
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
