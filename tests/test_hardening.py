@@ -194,6 +194,24 @@ def test_5_pruning_deletes_damaged_checkpoints_not_the_good_one(tmp_path, image_
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000006"]
 
 
+def test_5_training_pruning_keeps_what_either_resume_path_can_use(tmp_path):
+    from unified_lm.train import DEEPSPEED_FILES, RESUME_FILES
+    from vqtok.checkpoint import prune_checkpoints, write_manifest
+
+    folder = tmp_path / "checkpoints"
+    layouts = {1: ["model.safetensors", "config.json", "resume/rank00000.json", "resume/rank00000.safetensors"],
+               2: ["model.safetensors", "mp_rank_00_model_states.pt"],  # from before the resume state: DeepSpeed's only
+               3: ["config.json", "resume/rank00000.json", "resume/rank00000.safetensors"],  # lost model.safetensors
+               4: ["model.safetensors", "config.json", "resume/rank00000.json", "resume/rank00000.safetensors"]}
+    for step, names in layouts.items():
+        for name in names:
+            (folder / f"step_{step:08d}" / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / f"step_{step:08d}" / name).write_bytes(b"x" * 8)
+        write_manifest(folder / f"step_{step:08d}")
+    prune_checkpoints(folder, 2, RESUME_FILES, DEEPSPEED_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000002", "step_00000004"]
+
+
 # -- 7: unknown keys are refused, not ignored ---------------------------------------------------------------------
 @pytest.mark.parametrize("record, phrase", [
     ({"segments": [{"text": "secret", "Loss": False}]}, "unknown key 'Loss'; did you mean 'loss'?"),
@@ -206,6 +224,15 @@ def test_7_unknown_keys_are_refused(lm_data, tmp_path, capsys, record, phrase):
     docs = write_docs(tmp_path / "docs.jsonl", {"segments": [{"text": "fine"}], "scene": {"kept": "as metadata"}}, record)
     code, err = run(lm_main, capsys, "prepare", docs, "--vocab", lm_data.vocab_dir, "--out", tmp_path / "out")
     assert code == 2 and "docs.jsonl:2" in err and phrase in err, err
+
+
+def test_7_unknown_keys_in_encoder_pairs_are_refused(tmp_path):
+    from unified_lm.encoder_train import read_pairs_file
+
+    pairs = write_docs(tmp_path / "pairs.jsonl", {"image": "a.png", "text": "a red circle."},
+                       {"image": "b.png", "text": "a blue square.", "weight": 2})
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: unknown key 'weight'"):
+        read_pairs_file(pairs)
 
 
 # -- 8: text that is not Unicode, files that are not UTF-8 --------------------------------------------------------

@@ -72,6 +72,7 @@ from .vision import (
     read_pictures_uint8,
     tokenize_captions,
 )
+from .documents import check_keys, read_jsonl, unicode_text
 from .vocab import Vocabulary
 from .world import CAPTION_PREFIX, COLOURS, SHAPES, _count_phrase, read_documents, read_scenes
 
@@ -104,24 +105,17 @@ def captioned_pairs(world_dir: str | os.PathLike, split: str) -> list[tuple[Path
 
 
 def read_pairs_file(path: str | os.PathLike) -> list[tuple[Path, str]]:
-    """JSONL lines {"image": PATH, "text": CAPTION}; relative paths are relative to the file's directory."""
+    """JSONL lines {"image": PATH, "text": CAPTION}; relative paths are relative to the file's directory. Other
+    keys, non-UTF-8 bytes and lone surrogates are refused, naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file not found: {path}")
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            image, text = record["image"], record["text"]
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: invalid JSON ({err})") from None
-        except (KeyError, TypeError):
-            raise ValueError(f"{path}:{number}: expected {{\"image\": PATH, \"text\": CAPTION}}") from None
-        if not isinstance(image, str) or not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}:{number}: \"image\" and \"text\" must be non-empty strings")
-        pairs.append((path.parent / image, text))
+    for where, record in read_jsonl(path, "pairs"):
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{where}: expected {{\"image\": PATH, \"text\": CAPTION}}")
+        check_keys(record, ("image", "text"), where)
+        if not record["image"] or not record["text"].strip():
+            raise ValueError(f"{where}: \"image\" and \"text\" must be non-empty strings")
+        pairs.append((path.parent / unicode_text(record["image"], where), unicode_text(record["text"], where)))
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs
