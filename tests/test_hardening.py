@@ -160,6 +160,7 @@ def _tokenizer_run(tmp_path, image_folder, steps: int = 4):
     return config, paths, lambda run: Trainer(config, run, paths, [])
 
 
+@pytest.mark.slow
 def test_5_vqtok_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, image_folder, caplog):
     _, _, trainer = _tokenizer_run(tmp_path, image_folder)
     run_dir = tmp_path / "run"
@@ -182,6 +183,7 @@ def test_5_vqtok_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, i
         trainer(run_dir).resume()
 
 
+@pytest.mark.slow
 def test_5_pruning_deletes_damaged_checkpoints_not_the_good_one(tmp_path, image_folder):
     config, paths, _ = _tokenizer_run(tmp_path, image_folder)
     from vqtok.train import Trainer

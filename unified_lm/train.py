@@ -40,14 +40,14 @@ import torch.distributed as dist
 
 from vqtok.checkpoint import (
     atomic_write_text,
-    checkpoint_problem,
     checkpoint_dirs,
+    checkpoint_problem,
     choose_checkpoint,
     prune_checkpoints,
     write_manifest,
 )
-from vqtok.files import read_json
 from vqtok.distributed import free_port
+from vqtok.files import read_json
 
 from .checkpoint import untrained_model, write_model_files
 from .config import UnifiedConfig
