@@ -3,7 +3,7 @@
     vqtok train  --config small [--data DIR[@RES] ...] [--steps N] --out RUN
     vqtok encode IMAGES --ckpt RUN --out TOKENS
     vqtok decode TOKENS --ckpt RUN --out DIR
-    vqtok eval   --ckpt RUN [--data DIR]
+    vqtok eval   --ckpt RUN [--data DIR | --labels LABELS.jsonl] [--resolution PX]
     vqtok convert-chameleon --out RUN [--hf HF_DIR] [--meta vqgan.ckpt] [--resolution 512]
                  Chameleon's tokenizer (transformers' ChameleonVQVAE and/or Meta's VQGAN with its decoder) -> RUN
 
@@ -102,7 +102,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
     result = evaluate(args.ckpt, args.data, batch_size=args.batch_size, device=args.device,
-                      lpips_weights=args.lpips_weights)
+                      lpips_weights=args.lpips_weights, labels=args.labels, resolution=args.resolution)
     text = json.dumps(result, indent=2)
     if args.json_out:
         from .checkpoint import atomic_write_text
@@ -156,9 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--quiet", action="store_true")
     decode.set_defaults(func=cmd_decode)
 
-    evaluate = sub.add_parser("eval", help="PSNR / SSIM / codebook usage / LPIPS on held-out images")
+    evaluate = sub.add_parser("eval", help="PSNR / SSIM / codebook usage / code stability / LPIPS on held-out images")
     evaluate.add_argument("--ckpt", required=True)
     evaluate.add_argument("--data", help="image folder; default: the embedded held-out photos")
+    evaluate.add_argument("--labels", help="region labels JSONL ({\"image\": PATH, \"cells\": [[LABEL, ...], ...]} per "
+                                           "picture, e.g. WORLD/labels.jsonl): evaluates its pictures and adds "
+                                           "H(code | content) and H(content | code)")
+    evaluate.add_argument("--resolution", type=int, help="square size in pixels to encode at (default: the tokenizer's)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--lpips-weights")
     evaluate.add_argument("--json-out", help="also write the metrics JSON here")

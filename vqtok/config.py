@@ -8,6 +8,7 @@ codebook 8192 x 256, base channels 128, channel multipliers (1, 1, 2, 2, 4) i.e.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from .typed_config import apply_overrides, build_dataclass, load_preset_or_file, out_of_bounds
@@ -19,8 +20,9 @@ BOUNDS = {"model.resolution": (1, 8192), "model.in_channels": (1, 16), "model.ba
           "model.num_groups": (1, 4096), "quantizer.codebook_size": (2, 1 << 20), "quantizer.embed_dim": (1, 4096),
           "quantizer.codebook_dim": (1, 4096), "quantizer.kmeans_iters": (0, 1000), "loss.discriminator_layers": (0, 8),
           "loss.discriminator_channels": (1, 4096), "train.crop_size": (1, 8192), "train.batch_size": (1, 1 << 16),
-          "train.usage_window": (1, 1 << 26), "train.num_workers": (0, 256)}
-MAX_LEVELS = 8  # len(model.channel_multipliers): 2^7 = 128x downsampling
+          "train.usage_window": (1, 1 << 26), "train.num_workers": (0, 256), "quantizer.fsq_levels": (2, 1 << 16),
+          "train.quantizer_warmup_steps": (0, 1 << 40)}
+MAX_LEVELS = 8  # len(model.channel_multipliers): 2^7 = 128x downsampling; also the most FSQ dimensions
 
 @dataclass
 class ModelConfig:
@@ -40,6 +42,9 @@ class ModelConfig:
     # picture preprocessing: "auto" = bicubic when enlarging, Lanczos when shrinking; "lanczos" = Lanczos both
     # ways (Chameleon's own preprocessing)
     resample: str = "auto"
+    # "image": the encoder sees the whole picture (VQGAN); "patch": each downsample_factor-sized patch is encoded
+    # on its own, so a code is a function of its patch's pixels only (see vqtok/model.py)
+    encoder_context: str = "image"
 
     @property
     def downsample_factor(self) -> int:
@@ -53,14 +58,21 @@ class ModelConfig:
 
 @dataclass
 class QuantizerConfig:
-    """Options of vector-quantize-pytorch's VectorQuantize that keep a large codebook alive.
+    """The quantizer, from vector-quantize-pytorch.
 
+    kind "vq" (VectorQuantize, a learned codebook):
     - plain VQ: codebook learned by gradient, no EMA (`ema=False`); vector-quantize-pytorch then applies
       `commitment_weight * ||z - q||^2` with gradients to both the encoder and the codebook;
     - EMA + k-means init + dead-code revival (`ema=True, kmeans_init=True, dead_code_threshold>0`);
     - LlamaGen's l2-normalised low-dimensional lookup (`codebook_dim=8, l2_normalized=True`).
+    kind "fsq" (finite scalar quantization, Mentzer et al. 2023): each of len(fsq_levels) latent dimensions is
+    bounded and rounded to fsq_levels[i] values; the codebook is the grid, codebook_size = prod(fsq_levels). It
+    cannot collapse and has no codebook to revive; a code is the rounding of the latent, so equal latents always
+    give equal codes.
     """
 
+    kind: str = "vq"  # vq | fsq
+    fsq_levels: tuple[int, ...] = ()  # kind "fsq": levels per dimension, e.g. (8, 5, 5, 5) = 1000 codes
     codebook_size: int = 8192
     embed_dim: int = 256  # width of the quantized latent fed to the decoder
     codebook_dim: int | None = None  # low-dim lookup space (LlamaGen: 8); None = embed_dim, no projection
@@ -72,6 +84,10 @@ class QuantizerConfig:
     # Codes whose EMA cluster size (expected assignments per step) falls below this are revived from the batch
     # (0 = off). Must sit well below tokens_per_step / codebook_size, or every code is "dead" every step.
     dead_code_threshold: float = 2.0
+    # what a revived code starts from: "batch" (vector-quantize-pytorch: random latents of the batch; in pictures
+    # where one content dominates, mostly copies of it, which then split that content between near-equal codes)
+    # or "worst" (the batch's latents the live codes fit worst: contents still sharing a code get one of their own)
+    revive_from: str = "batch"
     commitment_weight: float = 0.25
 
 
@@ -104,6 +120,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     steps: int = 1000
     seed: int = 0
+    # steps trained as a plain autoencoder (the quantizer bypassed) before quantizing; the codebook is then
+    # k-means-initialised on the trained latents. 0 = quantize from the first step.
+    quantizer_warmup_steps: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
     sample_every: int = 500
@@ -140,6 +159,8 @@ class VQConfig:
         problems = out_of_bounds(self, BOUNDS)
         if not 1 <= len(m.channel_multipliers) <= MAX_LEVELS:
             problems.append(f"model.channel_multipliers must hold 1 to {MAX_LEVELS} levels, got {len(m.channel_multipliers)}")
+        if q.kind == "fsq" and not 1 <= len(q.fsq_levels) <= MAX_LEVELS:
+            problems.append(f"quantizer.fsq_levels must hold 1 to {MAX_LEVELS} levels per dimension, got {list(q.fsq_levels)}")
         if problems:  # the checks below assume sizes in range
             raise ValueError("invalid vqtok config: " + "; ".join(problems))
         if m.resolution % m.downsample_factor:
@@ -153,6 +174,15 @@ class VQConfig:
                             "keep_checkpoints >= 1")
         if not (0 <= m.dropout < 1 and 0 < q.ema_decay < 1 and t.lr > 0):
             problems.append("model.dropout must be in [0, 1), quantizer.ema_decay in (0, 1), train.lr > 0")
+        if m.encoder_context not in ("image", "patch"):
+            problems.append(f"model.encoder_context={m.encoder_context!r} must be 'image' or 'patch'")
+        if q.revive_from not in ("batch", "worst"):
+            problems.append(f"quantizer.revive_from={q.revive_from!r} must be 'batch' or 'worst'")
+        if q.kind not in ("vq", "fsq"):
+            problems.append(f"quantizer.kind={q.kind!r} must be 'vq' or 'fsq'")
+        if q.kind == "fsq" and math.prod(q.fsq_levels) != q.codebook_size:
+            problems.append(f"quantizer.codebook_size={q.codebook_size} must equal the product of quantizer.fsq_levels "
+                            f"{list(q.fsq_levels)} = {math.prod(q.fsq_levels)}")
         if problems:
             raise ValueError("invalid vqtok config: " + "; ".join(problems))
         return self

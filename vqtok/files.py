@@ -4,6 +4,7 @@ name the file. The lowest layer of the project (vqtok and unified_lm both use th
 - `atomic_write_text`: write beside, fsync, rename: a crash leaves the old file or the new one, never half.
 - `confined(root, name)`: a name read from a file (a token store's source, a dataset's shard, a checkpoint's
   `latest`) joined onto its folder, refused when it would leave it (absolute, `..`, a symlink out).
+- `read_jsonl`: ("file:line", record) for every line of a JSONL file, errors naming the file and line.
 - `read_json`, `tensor_shapes`, `load_tensors`: JSON and safetensors readers that turn every failure (missing,
   truncated, not UTF-8, not JSON, not safetensors, the wrong top-level type) into FileNotFoundError/ValueError
   naming the file. `tensor_shapes` reads only the safetensors header, so shapes are checked before any weight
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 
@@ -73,6 +75,29 @@ def read_json(path: str | os.PathLike, expect: type | tuple = dict, what: str = 
         names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
         raise ValueError(f"{label}: expected a JSON {'object' if expect is dict else names}, got {type(value).__name__}")
     return value
+
+
+def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[str, object]]:
+    """("file:line", record) for every non-blank line; a missing file or bad JSON names the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                                 "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply") from None
 
 
 def _safetensors_error(path: Path, err: Exception) -> Exception:

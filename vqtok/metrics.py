@@ -91,3 +91,88 @@ class RollingCodeUsage:
             raise ValueError(f"usage window size changed: checkpoint {tuple(state['buffer'].shape)}, config {tuple(self.buffer.shape)}")
         self.buffer.copy_(state["buffer"])
         self.filled, self.position = (int(v) for v in state["filled_position"])
+
+
+# -----------------------------------------------------------------------------
+# Codes a language model can learn: stability and meaning
+#
+# Usage and perplexity can be high while codes are useless to a model that must predict them: if the same
+# content gets one of many codes depending on noise or on the rest of the picture, the model pays for guessing
+# which. Two measures say whether codes are a function of what the picture shows.
+
+def agreement(codes: torch.Tensor, other: torch.Tensor) -> float:
+    """Share of positions where two code tensors of the same shape hold the same code (1.0 = all)."""
+    if codes.shape != other.shape:
+        raise ValueError(f"code tensors differ in shape: {tuple(codes.shape)} vs {tuple(other.shape)}")
+    return float((codes == other).double().mean()) if codes.numel() else math.nan
+
+
+def _entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of a (R, K) count matrix (rows of zeros give 0)."""
+    totals = counts.sum(-1, keepdim=True).clamp_min(1)
+    probs = counts / totals
+    return -(probs * probs.clamp_min(1e-300).log()).sum(-1)
+
+
+def conditional_entropy(codes, labels) -> dict:
+    """How far codes are a function of content, from parallel sequences of codes and content labels (one per
+    token; a label names what the token's patch shows, e.g. `token_labels`).
+
+    code_given_label: H(code | label) in nats: 0 when equal content always gets the same code; ln(n) when it
+        spreads evenly over n codes. This is what a model predicting codes from content pays beyond the content.
+    label_given_code: H(label | code) in nats: 0 when a code always means one content; high when a code is
+        shared by different contents (which a decoder cannot then draw apart).
+    majority_share: share of tokens whose code is their label's most frequent code.
+    codes_per_label: mean number of distinct codes per label (over labels, unweighted)."""
+    codes = torch.as_tensor(codes).reshape(-1).long()
+    names = sorted(set(labels))
+    if len(names) == 0 or len(labels) != codes.numel():
+        raise ValueError(f"need one label per code: {codes.numel()} codes, {len(labels)} labels")
+    number = {name: i for i, name in enumerate(names)}
+    label_ids = torch.tensor([number[x] for x in labels])
+    _, code_ids = codes.unique(return_inverse=True)
+    joint = torch.zeros(len(names), int(code_ids.max()) + 1, dtype=torch.float64)
+    joint.index_put_((label_ids, code_ids), torch.ones(len(codes), dtype=torch.float64), accumulate=True)
+    total = joint.sum()
+    by_label, by_code = joint.sum(1), joint.sum(0)
+    return {
+        "code_given_label": float((by_label / total * _entropy(joint)).sum()),
+        "label_given_code": float((by_code / total * _entropy(joint.T)).sum()),
+        "majority_share": float(joint.max(1).values.sum() / total),
+        "codes_per_label": float((joint > 0).sum(1).double().mean()),
+        "labels": len(names), "tokens": int(total),
+    }
+
+
+def token_labels(cells: list[list[str]], grid: tuple[int, int]) -> list[str]:
+    """Content label of every token of an (h, w) code grid over a picture whose regions are labelled by an
+    (R, C) grid of strings `cells` (e.g. the world's 3x3 cells: "empty", "large red circle", "word GO").
+
+    A token's label names every labelled cell its patch overlaps, with the overlap's place inside that cell, so
+    two tokens get the same label exactly when their patches show the same content at the same offsets: for a
+    6x6 code grid over 3x3 cells, "small red circle@(1/2,0)-(1,1/2)" is the bottom-left quarter of a small red
+    circle's cell. Returned in raster order (h * w strings)."""
+    from fractions import Fraction
+
+    rows, columns = len(cells), len(cells[0]) if cells else 0
+    if rows == 0 or columns == 0 or any(len(row) != columns for row in cells):
+        raise ValueError(f"cell labels must be a non-empty rectangular grid, got {[len(row) for row in cells]}")
+    height, width = grid
+
+    def spans(index: int, tokens: int, regions: int) -> list[tuple[int, Fraction, Fraction]]:
+        """(region, start, end) of a token's extent [index, index + 1) in region units, start/end in [0, 1]."""
+        low, high = Fraction(index * regions, tokens), Fraction((index + 1) * regions, tokens)
+        found = []
+        for region in range(int(low), min(regions, -(-high.numerator // high.denominator))):
+            start, end = max(low, Fraction(region)) - region, min(high, Fraction(region + 1)) - region
+            if end > start:
+                found.append((region, start, end))
+        return found
+
+    labels = []
+    for i in range(height):
+        for j in range(width):
+            parts = [f"{cells[r][c]}@({y0},{x0})-({y1},{x1})"
+                     for r, y0, y1 in spans(i, height, rows) for c, x0, x1 in spans(j, width, columns)]
+            labels.append(" | ".join(parts))
+    return labels

@@ -5,6 +5,12 @@ Make-A-Scene) also uses: residual blocks with GroupNorm + swish, strided-conv do
 upsampling, one self-attention block at the lowest resolution (in the middle of encoder and decoder), and 1x1
 convs into/out of the quantizer space. Fully convolutional, so any multiple of the downsample factor works.
 
+Non-standard: `model.encoder_context="patch"` encodes every f x f patch on its own (the same layers, run on the
+patches as a batch, with a per-position channel norm instead of GroupNorm and no attention), so a code is a
+function of its own patch's pixels and nothing else. The default "image" encoder mixes the whole picture
+(GroupNorm statistics, attention, receptive fields across patches): the same patch content can then get
+different codes in different pictures, which a language model over the codes has to guess (docs/benchmarks.md).
+
     image (B, 3, H, W) in [-1, 1]
       -> Encoder -> (B, z_channels, H/f, W/f) -> quant_conv -> (B, embed_dim, h, w)
       -> VectorQuantizer -> indices (B, h, w) and quantized latents
@@ -12,6 +18,8 @@ convs into/out of the quantizer space. Fully convolutional, so any multiple of t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -29,12 +37,32 @@ def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each position, (B, C, H, W) -> same: no statistics across positions, so a
+    position's output never depends on the rest of the picture (and a flat patch keeps its colour, which a
+    GroupNorm over the patch would normalise away)."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+Norm = Callable[[int], nn.Module]  # channels -> normalisation layer
+
+
+def norm_for(config: ModelConfig, local: bool = False) -> Norm:
+    """GroupNorm with the config's groups, or (local) the per-position ChannelNorm."""
+    return ChannelNorm if local else partial(group_norm, num_groups=config.num_groups)
+
+
 class ResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_groups: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, norm: Norm, dropout: float = 0.0):
         super().__init__()
-        self.norm1 = group_norm(in_channels, num_groups)
+        self.norm1 = norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, num_groups)
+        self.norm2 = norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -48,9 +76,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions (only used at the lowest resolution)."""
 
-    def __init__(self, channels: int, num_groups: int):
+    def __init__(self, channels: int, norm: Norm):
         super().__init__()
-        self.norm = group_norm(channels, num_groups)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -79,32 +107,45 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def middle(channels: int, config: ModelConfig) -> nn.Sequential:
-    attention = [AttnBlock(channels, config.num_groups)] if config.attention_at_lowest else []
-    return nn.Sequential(ResBlock(channels, channels, config.num_groups, config.dropout), *attention,
-                         ResBlock(channels, channels, config.num_groups, config.dropout))
+def middle(channels: int, config: ModelConfig, norm: Norm, attention: bool = True) -> nn.Sequential:
+    attention = [AttnBlock(channels, norm)] if attention and config.attention_at_lowest else []
+    return nn.Sequential(ResBlock(channels, channels, norm, config.dropout), *attention,
+                         ResBlock(channels, channels, norm, config.dropout))
 
 
 class Encoder(nn.Module):
-    """(B, 3, H, W) -> (B, z_channels, H/f, W/f)."""
+    """(B, 3, H, W) -> (B, z_channels, H/f, W/f). With encoder_context="patch" every f x f patch goes through the
+    layers alone (as one batch of patches), so each output position sees its own patch only."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.patch = config.downsample_factor if config.encoder_context == "patch" else None
+        norm = norm_for(config, local=self.patch is not None)
         widths = [config.base_channels * m for m in config.channel_multipliers]
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         layers, in_width = [], widths[0]
         for level, width in enumerate(widths):
             for _ in range(config.num_res_blocks):
-                layers.append(ResBlock(in_width, width, config.num_groups, config.dropout))
+                layers.append(ResBlock(in_width, width, norm, config.dropout))
                 in_width = width
             if level != len(widths) - 1:
                 layers.append(Downsample(width))
         self.down = nn.Sequential(*layers)
-        self.mid = middle(in_width, config)
-        self.norm_out = group_norm(in_width, config.num_groups)
+        # attention over one position would be a linear map: the patch encoder has none
+        self.mid = middle(in_width, config, norm, attention=self.patch is None)
+        self.norm_out = norm(in_width)
         self.conv_out = nn.Conv2d(in_width, config.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch is None:
+            return self._layers(x)
+        batch, channels, height, width = x.shape
+        f, h, w = self.patch, height // self.patch, width // self.patch
+        patches = x.reshape(batch, channels, h, f, w, f).permute(0, 2, 4, 1, 3, 5).reshape(batch * h * w, channels, f, f)
+        z = self._layers(patches)  # (B*h*w, z_channels, 1, 1)
+        return z.reshape(batch, h, w, -1).permute(0, 3, 1, 2)
+
+    def _layers(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.down(self.conv_in(x)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -114,19 +155,20 @@ class Decoder(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        norm = norm_for(config)
         widths = [config.base_channels * m for m in config.channel_multipliers]
         in_width = widths[-1]
         self.conv_in = nn.Conv2d(config.z_channels, in_width, 3, padding=1)
-        self.mid = middle(in_width, config)
+        self.mid = middle(in_width, config, norm)
         layers = []
         for level in reversed(range(len(widths))):
             for _ in range(config.num_res_blocks + 1):
-                layers.append(ResBlock(in_width, widths[level], config.num_groups, config.dropout))
+                layers.append(ResBlock(in_width, widths[level], norm, config.dropout))
                 in_width = widths[level]
             if level != 0:
                 layers.append(Upsample(in_width))
         self.up = nn.Sequential(*layers)
-        self.norm_out = group_norm(in_width, config.num_groups)
+        self.norm_out = norm(in_width)
         self.conv_out = nn.Conv2d(in_width, config.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -136,7 +178,7 @@ class Decoder(nn.Module):
 
 class VQOutput(NamedTuple):
     reconstruction: torch.Tensor  # (B, 3, H, W)
-    indices: torch.Tensor  # (B, h, w) int64
+    indices: torch.Tensor | None  # (B, h, w) int64; None when the quantizer was bypassed
     commitment_loss: torch.Tensor  # scalar
 
 
@@ -160,10 +202,14 @@ class VQModel(nn.Module):
     def codebook_size(self) -> int:
         return self.config.quantizer.codebook_size
 
-    def forward(self, images: torch.Tensor) -> VQOutput:
-        """Training path: images (B, 3, H, W) in [-1, 1]."""
+    def forward(self, images: torch.Tensor, quantize: bool = True) -> VQOutput:
+        """Training path: images (B, 3, H, W) in [-1, 1]. quantize=False bypasses the quantizer (the decoder gets
+        the continuous latents): the autoencoder warm-up of `train.quantizer_warmup_steps`."""
         self._check_images(images)
-        quantized = self.quantizer(self.quant_conv(self.encoder(images)))
+        latents = self.quant_conv(self.encoder(images))
+        if not quantize:
+            return VQOutput(self.decode_latents(latents), None, latents.new_zeros(()))
+        quantized = self.quantizer(latents)
         return VQOutput(self.decode_latents(quantized.quantized), quantized.indices, quantized.commitment_loss)
 
     def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,9 @@ from .metrics import RollingCodeUsage, psnr
 
 log = logging.getLogger(__name__)
 
+KMEANS_VECTORS_PER_CODE = 16
+KMEANS_MAX_DISTANCES = 1 << 26  # vector-quantize-pytorch's k-means holds a (vectors, codes) distance matrix
+
 
 def learning_rate(config: VQConfig, step: int) -> float:
     train = config.train
@@ -93,8 +96,9 @@ class Trainer:
             return module
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # Buffers (EMA codebook) are kept in sync by the quantizer itself; broadcasting rank 0's would drop
-        # the other ranks' statistics.
-        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+        # the other ranks' statistics. The quantizer's own parameters sit idle during an autoencoder warm-up.
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
+                                       find_unused_parameters=self.config.train.quantizer_warmup_steps > 0)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.config.train.bf16_on_cuda:
@@ -105,7 +109,6 @@ class Trainer:
     def train(self, steps: int | None = None) -> dict:
         total = steps if steps is not None else self.config.train.steps
         train = self.config.train
-        self._maybe_initialize_codebook()
         self._warn_if_revival_too_eager()
         if self.context.is_main:
             log.info("training on %s", json.dumps(self.dataset.describe()))
@@ -117,6 +120,8 @@ class Trainer:
         last, window = {}, []
         tick = time.perf_counter()
         for images in loader:
+            if self.quantizing:  # after the autoencoder warm-up: k-means on the trained latents, once
+                self._maybe_initialize_codebook()
             window.append(self.train_step(images.to(self.device, non_blocking=True)))
             self.step += 1
             if self.step % train.log_every == 0 or self.step == total:
@@ -130,6 +135,11 @@ class Trainer:
                 self.save()
         return last
 
+    @property
+    def quantizing(self) -> bool:
+        """False during the autoencoder warm-up (train.quantizer_warmup_steps)."""
+        return self.step >= self.config.train.quantizer_warmup_steps
+
     def train_step(self, images: torch.Tensor) -> dict[str, float]:
         cfg = self.config
         lr = learning_rate(cfg, self.step)
@@ -137,7 +147,7 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         with self._autocast():
-            out = self.ddp_model(images)
+            out = self.ddp_model(images, quantize=self.quantizing)
             reconstruction = out.reconstruction.float()
             rec_loss = losses.reconstruction_loss(images, reconstruction, cfg.loss.l1_weight, cfg.loss.l2_weight)
             perceptual = (self.lpips(images, reconstruction).mean() if self.lpips is not None and cfg.loss.perceptual_weight > 0
@@ -154,7 +164,8 @@ class Trainer:
         self.optimizer.step()
         if self._adversarial_active():
             metrics["loss_discriminator"] = self._discriminator_step(images, reconstruction.detach())
-        self.usage.update(self._gather_indices(out.indices))
+        if out.indices is not None:
+            self.usage.update(self._gather_indices(out.indices))
         metrics.update(loss=loss.item(), lr=lr, psnr=float(psnr(images, reconstruction.detach()).mean()))
         return metrics
 
@@ -190,6 +201,8 @@ class Trainer:
 
     def _warn_if_revival_too_eager(self) -> None:
         quant, train = self.config.quantizer, self.config.train
+        if quant.kind != "vq":
+            return
         tokens_per_step = train.batch_size * self.context.world_size * (train.crop_size // self.config.model.downsample_factor) ** 2
         mean_assignments = tokens_per_step / quant.codebook_size
         if quant.ema and quant.dead_code_threshold >= mean_assignments and self.context.is_main:
@@ -199,13 +212,17 @@ class Trainer:
 
     @torch.no_grad()
     def _maybe_initialize_codebook(self) -> None:
-        """k-means needs at least codebook_size vectors: run one wide no-grad pass instead of a training batch."""
+        """k-means on one wide no-grad pass instead of a training batch: KMEANS_VECTORS_PER_CODE vectors per code
+        (within the library's memory bound), so content that is rare in a batch still gets a code of its own (with
+        one vector per code, as many codes start on copies of the commonest content as there are copies of it)."""
         quantizer = self.model.quantizer
-        if not self.config.quantizer.kmeans_init or bool(quantizer.vq._codebook.initted):
+        if not quantizer.needs_initialisation:
             return
         crop = self.config.train.crop_size
         tokens_per_crop = (crop // self.config.model.downsample_factor) ** 2
-        count = max(self.config.train.batch_size, math.ceil(self.config.quantizer.codebook_size / tokens_per_crop / self.context.world_size))
+        codes = self.config.quantizer.codebook_size
+        vectors = min(KMEANS_VECTORS_PER_CODE * codes, max(codes, KMEANS_MAX_DISTANCES // codes))
+        count = max(self.config.train.batch_size, math.ceil(vectors / tokens_per_crop / self.context.world_size))
         seeds = np.random.SeedSequence([self.config.train.seed, 1_000_003, self.context.rank]).generate_state(count)
         items = [(self.dataset.interleaved_index(i), int(s)) for i, s in enumerate(seeds)]  # every source, balanced
         self.model.train()
@@ -213,8 +230,14 @@ class Trainer:
         for start in range(0, count, 32):
             batch = torch.stack([self.dataset[item] for item in items[start : start + 32]]).to(self.device)
             latents.append(self.model.quant_conv(self.model.encoder(batch)).float())
-        quantizer(torch.cat(latents))
-        log.info("codebook initialised by k-means on %d vectors", sum(z.numel() // z.shape[1] for z in latents))
+        vectors = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) for z in latents])
+        if self.context.enabled:  # every rank initialises from the same vectors, so the codebooks agree
+            gathered = [torch.empty_like(vectors) for _ in range(self.context.world_size)]
+            dist.all_gather(gathered, vectors.contiguous())
+            vectors = torch.cat(gathered)
+        quantizer.initialise(vectors, seed=self.config.train.seed)
+        log.info("codebook initialised by k-means++ on %d vectors (%d distinct)", len(vectors),
+                 len(torch.unique(vectors, dim=0)))
 
     # ----------------------------------------------------------------- logging and samples
     def _log(self, window: list[dict], seconds_per_step: float) -> dict:
