@@ -128,22 +128,26 @@ def test_cached_logits_equal_full_recomputation(vocab, guidance):
     assert any(d.images for d in documents)
     special, batch = vocab.special, len(prompts)
     contexts = Guidance(guidance).contexts
+    assert model.config.image_positions  # the sampler must track every code's place in its picture
+
+    def full(sequence: list[int]) -> torch.Tensor:
+        tokens = torch.tensor([sequence])
+        return model(tokens, code_positions=vocab.code_positions(tokens)).logits[0, -1]
+
     for row, document in enumerate(documents):
         prompt = sampler.encode_prompt(prompts[row], "interleaved")
         for step in range(len(document.tokens)):
             sequence = prompt + document.tokens[:step]
-            expected = model(torch.tensor([sequence])).logits[0, -1]
-            torch.testing.assert_close(trace.raw[step][row], expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(trace.raw[step][row], full(sequence), rtol=1e-5, atol=1e-5)
             if contexts == 1 or not trace.in_image[step][row]:
                 continue
             last_boi = len(sequence) - 1 - sequence[::-1].index(special.boi)
             unconditional = [special.bos] + sequence[last_boi:]
-            expected = model(torch.tensor([unconditional])).logits[0, -1]
-            torch.testing.assert_close(trace.raw[step][(contexts - 1) * batch + row], expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(trace.raw[step][(contexts - 1) * batch + row], full(unconditional),
+                                       rtol=1e-5, atol=1e-5)
             if contexts == 3:
                 image_only = [special.bos] + [t for t in sequence[1:] if vocab.in_picture(t)]
-                expected = model(torch.tensor([image_only])).logits[0, -1]
-                torch.testing.assert_close(trace.raw[step][batch + row], expected, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(trace.raw[step][batch + row], full(image_only), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("guidance", ["2way", "3way"])

@@ -104,7 +104,7 @@ def test_packed_dataset_reads_back_what_prepare_wrote(lm_data, tmp_path):
     dataset = PackedDataset(lm_data.packed)
     vocab = dataset.vocab
     rows = [dataset[i] for i in range(len(dataset))]
-    assert len(rows) == dataset.info["rows"] == 63 and dataset.seq_len == 64
+    assert len(rows) == dataset.info["rows"] == 61 and dataset.seq_len == 64  # 63 without caption dropout
     # every train-split document appears, bracketed by <bos> ... <eos>, in packing order
     documents = list(read_documents(lm_data.documents, split="train"))
     bos = sum(int((r.tokens == vocab.special.bos).sum()) for r in rows)
@@ -224,3 +224,49 @@ def test_batches_are_a_pure_function_of_the_step():
 def test_cli_help_runs():
     out = subprocess.run([sys.executable, "-m", "unified_lm.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "prepare" in out.stdout
+
+
+def test_caption_dropout_is_deterministic_and_keeps_the_pictures(lm_data):
+    from unified_lm.prepare import drop_captions
+
+    documents = list(read_documents(lm_data.documents, split="train"))
+    kept, dropped = drop_captions(documents, 0.5, seed=0)
+    again, _ = drop_captions(documents, 0.5, seed=0)
+    other, _ = drop_captions(documents, 0.5, seed=1)
+    lost = [i for i, (a, b) in enumerate(zip(documents, kept)) if len(a.segments) != len(b.segments)]
+    assert lost == [i for i, (a, b) in enumerate(zip(documents, again)) if len(a.segments) != len(b.segments)]
+    assert lost != [i for i, (a, b) in enumerate(zip(documents, other)) if len(a.segments) != len(b.segments)]
+    eligible = [i for i, d in enumerate(documents) if d.trains_pictures and any(isinstance(s, str) for s in d.segments)]
+    assert dropped == len(lost) and set(lost) <= set(eligible)
+    assert 0.2 * len(eligible) < len(lost) < 0.8 * len(eligible)
+    assert {documents[i].kind for i in eligible} == {"text_to_image", "story"}  # image_to_text / qa train on text
+    for i in lost:  # the pictures stay, in order; no text is left
+        assert kept[i].segments == [s for s in documents[i].segments if not isinstance(s, str)]
+    # a text -> picture document without its caption is exactly the unconditional context of 2-way CFG
+    vocab = Vocabulary.load(lm_data.vocab_dir)
+    t2i = next(i for i in lost if documents[i].kind == "text_to_image")
+    encoded = encode_document(kept[t2i], vocab, lambda segment, where: np.zeros((2, 2), np.int64))
+    special = vocab.special
+    assert encoded.tokens[:2].tolist() == [special.bos, special.boi] and encoded.tokens[-2:].tolist() == [special.eoi, special.eos]
+    assert encoded.loss[1:-1].all()  # <boi>, the codes and <eoi> are targets
+    assert drop_captions(documents, 0.0, seed=0) == (documents, 0)
+    with pytest.raises(ValueError, match="caption dropout"):
+        drop_captions(documents, 1.0, seed=0)
+
+
+def test_code_positions_count_codes_inside_each_picture(lm_data):
+    import torch
+
+    vocab = Vocabulary.load(lm_data.vocab_dir)
+    special, code = vocab.special, int(vocab.image_ids(np.array([5]))[1])
+    text = vocab.encode_text("a red circle.")[0]
+    row = [special.bos, text, special.boi, code, code, code, special.eoi, text, special.boi, code, code]
+    expected = [-1, -1, -1, 0, 1, 2, -1, -1, -1, 0, 1]
+    assert vocab.code_positions(torch.tensor([row])).tolist() == [expected]
+    # a row that starts inside a picture (its <boi> in the previous row) gives those codes no place
+    assert vocab.code_positions(torch.tensor([[code, code, special.eoi, text]])).tolist() == [[-1, -1, -1, -1]]
+    # <image> placeholders of the continuous path are not codes
+    assert vocab.code_positions(torch.tensor([[special.boi, special.image, special.image, special.eoi]])).tolist() == [[-1] * 4]
+    batch = PackedDataset(lm_data.packed).batch([0, 1])
+    assert torch.equal(batch.code_positions, vocab.code_positions(batch.inputs))
+    assert (batch.code_positions.max() == 15) and ((batch.code_positions >= 0) == vocab.is_image(batch.inputs)).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -377,3 +378,42 @@ def test_zero3_partitioned_build_matches_the_plain_model(tmp_path):
     assert facts["groups"][0] == facts["groups"][1] and facts["groups"][0][1] > 0  # norms (incl. QK-norm) not decayed
     assert facts["flops"][0] == facts["flops"][1] > 0
     assert abs(facts["q_std"] - 0.02) < 0.003 and abs(facts["o_std"] - 0.02 / 8**0.5) < 0.002  # 1/sqrt(2 L), L = 4
+
+
+@pytest.mark.slow
+def test_caption_dropout_trains_the_unconditional_context(lm_data, tmp_path):
+    """With caption dropout, pictures are also targets after [<bos>, <boi>] alone: after a short run the loss of
+    held-out pictures' codes in exactly that context (2-way CFG's unconditional one) falls well below uniform.
+    The pictures' codes are drawn from 8 of the 64 codes, so there is something to learn."""
+    import numpy as np
+
+    from unified_lm.checkpoint import load_model
+    from unified_lm.prepare import PrepareSettings, prepare
+    from vqtok.token_store import ShardWriter, write_manifest
+    from conftest import TEST_TOKENIZER
+
+    images = sorted((lm_data.world / "images").iterdir())
+    store = tmp_path / "tokens"
+    writer = ShardWriter(store, TEST_TOKENIZER, 64)
+    codes = np.random.default_rng(0).integers(0, 8, size=(len(images), 4, 4))
+    writer.append([p.name for p in images], codes)
+    writer.close()
+    write_manifest(store, 1, {"source_root": str(lm_data.world / "images")})
+    packed = tmp_path / "packed"
+    info = prepare([str(lm_data.documents)], str(lm_data.vocab_dir), str(packed),
+                   PrepareSettings(seq_len=64, split="train", rows_per_shard=16, caption_dropout=0.5,
+                                   kinds=("text_to_image", "story")), stores=[str(store)])
+    assert info["captions_dropped"] > 0
+    run = tmp_path / "run"
+    train(packed, run, "--steps", "30", "--set", "train.checkpoint_every=30", "--set", "train.lr=1e-2")
+    loaded = load_model(run, "cpu")
+    vocab, special = loaded.vocab, loaded.vocab.special
+    held = [vocab.image_ids(c) for c in codes[-10:]]  # <boi> codes <eoi>
+    tokens = torch.from_numpy(np.stack([np.concatenate([[special.bos], ids[:-1]]) for ids in held]))  # [<bos>, <boi>, codes]
+    targets = torch.from_numpy(np.stack([ids[1:] for ids in held]))  # the 16 codes and <eoi>
+    with torch.no_grad():
+        logits = loaded.model(tokens, code_positions=vocab.code_positions(tokens)).logits[:, 1:-1].float()
+    picture = torch.from_numpy(vocab.image_mask)
+    nats = torch.nn.functional.cross_entropy(logits.masked_fill(~picture, float("-inf")).reshape(-1, vocab.size),
+                                             targets[:, :-1].reshape(-1))
+    assert nats < 0.8 * math.log(64), f"{float(nats):.2f} nats per code after [<bos>, <boi>]; uniform is {math.log(64):.2f}"

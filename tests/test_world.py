@@ -19,6 +19,7 @@ from unified_lm.world import (
     Scene,
     WorldObject,
     caption_facts,
+    cell_labels,
     describe,
     generate_world,
     parse_caption,
@@ -82,7 +83,16 @@ def test_documents_schema(small_world):
     heldout = [d for d in documents if d["split"] == "heldout"]
     assert 3 <= len(heldout) <= 9 and small_world.split_counts["heldout"] == len(heldout)
     info = json.loads((root / "world.json").read_text())
-    assert info["format"] == "unified-lm-world/2" and info["kind_counts"] == dict(Counter(d["kind"] for d in documents))
+    assert info["format"] == "unified-lm-world/3" and info["kind_counts"] == dict(Counter(d["kind"] for d in documents))
+    # labels.jsonl: what each cell of each picture shows, one line per picture (vqtok eval --labels reads it)
+    labels = [json.loads(line) for line in (root / "labels.jsonl").read_text().splitlines()]
+    scenes = read_scenes(root)
+    assert sorted(record["image"] for record in labels) == sorted(images)
+    for record in labels:
+        assert record["cells"] == cell_labels(scenes[record["image"]])
+        flat = [label for row in record["cells"] for label in row]
+        assert len(record["cells"]) == 3 and flat.count("empty") == 9 - len(scenes[record["image"]].objects) - (
+            scenes[record["image"]].word is not None)
     assert info["vocabulary"]["cells"] == list(CELLS)
     texts = list(world_texts(root))
     assert len(texts) == sum("text" in s for d in documents for s in d["segments"])

@@ -60,7 +60,8 @@ def test_shuffled_scenes_score_near_chance(readings_64):
     assert chance["extra_objects"] > 1.0
     # A derangement: with two pictures each reading meets the other's scene, never its own.
     pair = shuffled_scores(readings_64[:2], SCENES[:2], seed=1)
-    assert pair == aggregate([score_picture(readings_64[0], SCENES[1]), score_picture(readings_64[1], SCENES[0])])
+    assert pair == aggregate([score_picture(readings_64[0], SCENES[1]), score_picture(readings_64[1], SCENES[0])],
+                             errors=True)
     with pytest.raises(ValueError, match="at least 2"):
         shuffled_scores(readings_64[:1], SCENES[:1])
 
@@ -106,6 +107,10 @@ def test_score_picture_counts_each_attribute():
     right = PictureReading(tuple(read_picture(world.render_scene(scene)).cells))
     assert score_picture(right, scene)["word"] == 1.0 and score_picture(right, scene)["exact"] == 1.0
     assert aggregate([{"colour": 1.0, "word": 1.0}, {"colour": 0.0}]) == {"colour": 0.5, "word": 1.0}
+    # standard errors: sample standard deviation / sqrt(n); one value has none
+    with_errors = aggregate([{"colour": 1.0, "word": 1.0}, {"colour": 0.0}, {"colour": 1.0}], errors=True)
+    assert with_errors["colour_se"] == pytest.approx(np.std([1.0, 0.0, 1.0], ddof=1) / np.sqrt(3))
+    assert np.isnan(with_errors["word_se"])
 
 
 @pytest.mark.parametrize("pixels, problem", [

@@ -99,6 +99,8 @@ def check_exportable(model: ModelConfig) -> None:
         problems.append(f"the QK-norm eps is {model.qk_norm_eps or model.norm_eps} (transformers fixes it at 1e-5)")
     if model.picture.encoder:
         problems.append("the model has a continuous picture path (encoder + adapter), which Chameleon has no place for")
+    if model.image_positions:
+        problems.append(f"model.image_positions is {model.image_positions} (Chameleon has no image position embeddings)")
     if problems:
         raise ValueError("cannot export to transformers' Chameleon: " + "; ".join(problems))
 

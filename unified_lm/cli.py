@@ -7,7 +7,7 @@
                        [--kinds image_to_text,qa] [--encoder ENCRUN [--pool 1]]   (--encoder: continuous pictures)
     unified-lm sample  --ckpt RUN --tokenizer VQRUN --prompt TEXT [--image PATH ...] [--prompts FILE.jsonl]
                        --mode interleaved|text|image|understanding --out DIR [--cfg none|2way|3way] [--num-samples N]
-    unified-lm eval    --ckpt RUN --tokenizer VQRUN --world DIR --out EVAL [--photos DIR] [--count 48]
+    unified-lm eval    --ckpt RUN --tokenizer VQRUN --world DIR --out EVAL [--photos DIR] [--count N]
                        -> EVAL/eval.json, EVAL/index.html (the report), EVAL/report.png
     unified-lm encoder train --world DIR --vocab VOCAB --out RUN [--preset small] [--loss siglip|infonce]
                        [--steps N] [--set KEY=VALUE ...] [--pairs FILE.jsonl] [--resume | --restart]
@@ -66,8 +66,17 @@ def cmd_vocab(args) -> int:
 def cmd_world(args) -> int:
     from .world import generate_world
 
+    mix = None
+    if args.mix:
+        mix = {}
+        for item in args.mix.split(","):
+            kind, _, share = item.partition("=")
+            try:
+                mix[kind.strip()] = float(share)
+            except ValueError:
+                raise ValueError(f"--mix expects KIND=SHARE,... (e.g. text_to_image=0.4,story=0.2), got {item!r}") from None
     summary = generate_world(args.out, num_scenes=args.scenes, seed=args.seed, image_size=args.image_size,
-                             force=args.force)
+                             kinds_mix=mix, heldout_fraction=args.heldout_fraction, force=args.force)
     print(json.dumps({"out": str(summary.out_dir), "documents": summary.num_documents, "images": summary.num_images,
                       "kinds": summary.kind_counts, "splits": summary.split_counts}))
     return 0
@@ -89,10 +98,11 @@ def cmd_prepare(args) -> int:
     settings = PrepareSettings(seq_len=args.seq_len, default_train_on=args.train_on, split=args.split, seed=args.seed,
                                rows_per_shard=args.rows_per_shard, text_corpus=args.text_corpus,
                                text_documents=args.text_documents, image_resolution=args.image_resolution,
-                               kinds=kinds, picture_size=picture_size, placeholders=placeholders)
+                               kinds=kinds, picture_size=picture_size, placeholders=placeholders,
+                               caption_dropout=args.caption_dropout)
     info = prepare(args.documents, args.vocab, args.out, settings, stores=args.tokens or [],
                    tokenizer=args.tokenizer, device=args.device)
-    keys = ("rows", "seq_len", "documents", "documents_by_train_on", "tokens", "target_tokens", "image_target_tokens",
+    keys = ("rows", "seq_len", "documents", "documents_by_train_on", "captions_dropped", "tokens", "target_tokens", "image_target_tokens",
             "padding_tokens", "vocab_size")
     print(json.dumps({key: info[key] for key in keys} | {"out": args.out}))
     return 0
@@ -207,8 +217,8 @@ def cmd_eval(args) -> int:
                             text_corpus=args.text_corpus, guidance=args.cfg, guidance_scale=args.cfg_scale,
                             image_temperature=args.image_temperature, image_top_k=args.image_top_k,
                             batch_size=args.batch_size, seed=args.seed, baselines=not args.no_baselines)
-    if min(settings.count, settings.stories, settings.batch_size) < 1 or settings.text_documents < 0:
-        raise ValueError("--count, --stories and --batch-size must be positive, --text-documents >= 0")
+    if min(settings.count, settings.stories) < 0 or settings.batch_size < 1 or settings.text_documents < 0:
+        raise ValueError("--count, --stories and --text-documents must be >= 0 (0: all held-out ones), --batch-size positive")
     loaded = load_model(args.ckpt, args.device)
     tokenizer, meta = load_tokenizer(args.tokenizer, args.device)
     loaded.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {args.tokenizer}")
@@ -347,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--scenes", type=int, default=2000)
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--image-size", type=int, default=64)
+    world.add_argument("--mix", help="documents per kind, as shares: text_to_image=0.3,image_to_text=0.3,qa=0.25,"
+                                     "story=0.15 (the default; kinds left out get none)")
+    world.add_argument("--heldout-fraction", type=float, default=0.1, help="share of each kind held out (unseen scenes)")
     world.add_argument("--force", action="store_true", help="regenerate even if OUT holds a different world")
     world.set_defaults(run=cmd_world)
 
@@ -363,7 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--split", help="keep only documents whose 'split' field equals this (e.g. train)")
     prepare.add_argument("--text-corpus", default="default", help="text-only documents to mix in: 'default' or a file")
     prepare.add_argument("--text-documents", type=int, default=0, help="how many text-only documents to mix in")
-    prepare.add_argument("--seed", type=int, default=0, help="document order")
+    prepare.add_argument("--seed", type=int, default=0, help="document order and caption dropout")
+    prepare.add_argument("--caption-dropout", type=float, default=0.1,
+                         help="probability that a document training on its pictures loses all its text, so the "
+                              "contexts classifier-free guidance uses ([<bos>, <boi>]; the pictures alone) are trained")
     prepare.add_argument("--rows-per-shard", type=int, default=8192)
     prepare.add_argument("--device", default="cpu", help="for --tokenizer encoding")
     prepare.add_argument("--kinds", help="keep only documents of these kinds, comma-separated (world: text_to_image, "
@@ -419,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="EVAL directory: eval.json, index.html, report.png, pictures/")
     evaluate.add_argument("--photos", help="held-out photos for the tokenizer rows (default: the embedded held-out "
                           "photos; 'none' skips them)")
-    evaluate.add_argument("--count", type=int, default=48, help="held-out documents per world task")
-    evaluate.add_argument("--stories", type=int, default=16, help="held-out stories (interleaved task)")
+    evaluate.add_argument("--count", type=int, default=0, help="held-out documents per world task (0: all)")
+    evaluate.add_argument("--stories", type=int, default=0, help="held-out stories, the interleaved task (0: all)")
     evaluate.add_argument("--text-documents", type=int, default=100, help="held-out English documents (the corpus's "
                           "last N; 0 skips perplexity)")
     evaluate.add_argument("--text-corpus", default="default", help="'default' (Wikipedia summaries) or a text file")
@@ -466,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     understand.add_argument("--world", required=True, help="world directory (held-out split)")
     understand.add_argument("--tokenizer", help="vqtok run (needed for --discrete models)")
     understand.add_argument("--out", required=True, help="directory for understanding.json and understanding.md")
-    understand.add_argument("--count", type=int, default=48, help="held-out questions and captions per model")
+    understand.add_argument("--count", type=int, default=0, help="held-out questions and captions per model (0: all)")
     understand.add_argument("--text-documents", type=int, default=100, help="held-out English documents (0: skip)")
     understand.add_argument("--text-corpus", default="default")
     understand.add_argument("--batch-size", type=int, default=16)

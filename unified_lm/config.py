@@ -6,7 +6,9 @@ Presets (model shape; `vocab_size` is always taken from the vocabulary at traini
 - `350m`   GPU throughput/MFU runs: 24 layers, width 1024, 16 heads (4 KV), sequence 2048.
 - `1b`     sampling-speed runs on one GPU: 22 layers, width 2048, 16 heads (4 KV); ~1.0B parameters with a 12k vocabulary.
 - `7b`     Chameleon-7B's shape (32 layers, width 4096, 32 heads, sequence 4096, QK-norm, z-loss, dropout 0.1).
-Chameleon-34B additionally used norm reordering (`norm_reordering=True`).
+Chameleon-34B additionally used norm reordering (`norm_reordering=True`). `tiny`, `small`, `350m` and `1b` learn
+image position embeddings (`image_positions`: up to 32x32 codes per picture, 16x16 for `tiny`); `7b` keeps
+Chameleon's layout without them.
 Overrides (`--set model.n_layers=8`, or a JSON file {"preset": "small", ...}) reject unknown keys.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from vqtok.typed_config import apply_overrides, build_dataclass, load_preset_or_
 # fail here, not in the allocator): generous for real models (Chameleon-34B has 48 layers, width 8192).
 MODEL_BOUNDS = {"model.vocab_size": (0, 1 << 22), "model.dim": (1, 1 << 16), "model.n_layers": (1, 1024),
                 "model.n_heads": (1, 1024), "model.n_kv_heads": (1, 1024), "model.ffn_hidden": (0, 1 << 20),
-                "model.max_seq_len": (1, 1 << 20), "model.picture.pool": (1, 64), "model.picture.adapter_hidden": (0, 1 << 16)}
+                "model.max_seq_len": (1, 1 << 20), "model.picture.pool": (1, 64), "model.picture.adapter_hidden": (0, 1 << 16),
+                "model.image_positions": (0, 1 << 16)}
 ROPE_TABLE_LIMIT = 1 << 27  # max_seq_len * head_dim: the RoPE cache (cos and sin, float32) stays under 1 GB
 
 
@@ -52,6 +55,10 @@ class ModelConfig:
     tied_embeddings: bool = False
     init_std: float = 0.02
     z_loss_weight: float = 1e-5  # z_loss_weight * log(Z)^2 per token (Chameleon: 1e-5)
+    # learned embeddings of a code's place in its picture (raster index; DALL-E's image position embeddings,
+    # flattened), added to the codes' token embeddings, for pictures of up to this many codes; 0 = none, as in
+    # Chameleon, whose 1-D RoPE leaves the model to count its way through a picture
+    image_positions: int = 0
     picture: PictureConfig = field(default_factory=PictureConfig)  # continuous path; filled from train.encoder_run
 
     @property
@@ -153,23 +160,26 @@ class UnifiedConfig:
 
 
 def _tiny() -> UnifiedConfig:
-    return UnifiedConfig("tiny", ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
+    return UnifiedConfig("tiny", ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                                             image_positions=256),
                          TrainConfig(seq_len=64, micro_batch_size=4, steps=20, lr=3e-3, warmup_steps=2, log_every=1,
                                      stats_every=5, checkpoint_every=10))
 
 
 def _small() -> UnifiedConfig:
-    return UnifiedConfig("small", ModelConfig(), TrainConfig())
+    return UnifiedConfig("small", ModelConfig(image_positions=1024), TrainConfig())
 
 
 def _350m() -> UnifiedConfig:
-    return UnifiedConfig("350m", ModelConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=4, max_seq_len=4096),
+    return UnifiedConfig("350m", ModelConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=4, max_seq_len=4096,
+                                           image_positions=1024),
                          TrainConfig(seq_len=2048, micro_batch_size=8, steps=1000, lr=3e-4, warmup_steps=100,
                                      log_every=10, stats_every=100, checkpoint_every=500))
 
 
 def _1b() -> UnifiedConfig:
-    return UnifiedConfig("1b", ModelConfig(dim=2048, n_layers=22, n_heads=16, n_kv_heads=4, max_seq_len=4096),
+    return UnifiedConfig("1b", ModelConfig(dim=2048, n_layers=22, n_heads=16, n_kv_heads=4, max_seq_len=4096,
+                                         image_positions=1024),
                          TrainConfig(seq_len=4096, micro_batch_size=4, steps=10_000, lr=3e-4, warmup_steps=500,
                                      log_every=10, stats_every=100, checkpoint_every=1000))
 

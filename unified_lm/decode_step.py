@@ -19,8 +19,8 @@ _compiled = {}  # one torch.compile wrapper per device type, so later samplers r
 
 
 def static_step(model: UnifiedTransformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                valid: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    return model.decode(tokens, cache, positions, valid, slot=slot)[:, 0]
+                valid: torch.Tensor, code_positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    return model.decode(tokens, cache, positions, valid, slot=slot, code_positions=code_positions)[:, 0]
 
 
 def compiled_static_step(device_type: str):
@@ -34,8 +34,8 @@ class StaticDecodeStep:
     """Decode one token for the first `rows` rows of `cache` (a view of it when rows < its batch).
 
     Create it right after allocating the cache and before the prefill: warming up writes slot 0, which the
-    prefill then overwrites. Call with (tokens (rows, 1), positions (rows, 1), valid (rows, 1), slot int) ->
-    logits (rows, V) fp32; the caller advances `cache.length`. The returned tensor is a static buffer that the
+    prefill then overwrites. Call with (tokens (rows, 1), positions (rows, 1), valid (rows, 1), code_positions
+    (rows, 1), slot int) -> logits (rows, V) fp32; the caller advances `cache.length`. The returned tensor is a static buffer that the
     next call overwrites.
     """
 
@@ -46,6 +46,7 @@ class StaticDecodeStep:
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.valid = torch.zeros(rows, 1, dtype=torch.bool, device=device)
+        self.code_positions = torch.full((rows, 1), -1, dtype=torch.long, device=device)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         self.model = model
         self.graph = None
@@ -54,7 +55,8 @@ class StaticDecodeStep:
             self._capture()
 
     def _step(self) -> torch.Tensor:
-        return self.function(self.model, self.view, self.tokens, self.positions, self.valid, self.slot)
+        return self.function(self.model, self.view, self.tokens, self.positions, self.valid, self.code_positions,
+                             self.slot)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -67,10 +69,12 @@ class StaticDecodeStep:
         with torch.cuda.graph(self.graph):
             self.logits = self._step()
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, slot: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, code_positions: torch.Tensor,
+                 slot: int) -> torch.Tensor:
         self.tokens.copy_(tokens, non_blocking=True)
         self.positions.copy_(positions, non_blocking=True)
         self.valid.copy_(valid, non_blocking=True)
+        self.code_positions.copy_(code_positions, non_blocking=True)
         self.slot.fill_(slot)
         if self.graph is not None:
             self.graph.replay()

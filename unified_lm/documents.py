@@ -21,13 +21,14 @@ ignoring it would train on text the user excluded). Text must be valid Unicode (
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from vqtok.files import read_jsonl
 
 from .vocab import Vocabulary
 
@@ -54,6 +55,19 @@ class Document:
     split: str | None = None
     kind: str | None = None  # the record's "kind" (world: text_to_image, image_to_text, qa, story), for filtering
 
+    @property
+    def trains_pictures(self) -> bool:
+        """Some picture of the document is a training target (and so is drawn from the text before it)."""
+        return any(isinstance(segment, ImageSegment)
+                   and (self.train_on in ("all", "image") if override is None else override)
+                   for segment, override in zip(self.segments, self.loss_overrides))
+
+    def without_text(self) -> Document:
+        """The document with every text segment removed: its pictures alone, in order (caption dropout)."""
+        kept = [i for i, segment in enumerate(self.segments) if not isinstance(segment, str)]
+        return replace(self, segments=[self.segments[i] for i in kept],
+                       loss_overrides=[self.loss_overrides[i] for i in kept])
+
 
 @dataclass
 class EncodedDocument:
@@ -61,29 +75,6 @@ class EncodedDocument:
     loss: np.ndarray  # (n,) bool: token is a training target
     # continuous pictures only: (n,) int64 picture * placeholders + patch at each <image> placeholder, else -1
     pictures: np.ndarray | None = None
-
-
-def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[str, object]]:
-    """("file:line", record) for every non-blank line; a missing file or bad JSON names the file (and line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
-                                 "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-            except RecursionError:
-                raise ValueError(f"{where}: JSON nested too deeply") from None
 
 
 def check_keys(record: dict, known: tuple[str, ...], where: str, extra_allowed: bool = False) -> None:

@@ -58,7 +58,7 @@ from vqtok.checkpoint import (
     restore_optimizer,
     write_manifest,
 )
-from vqtok.files import load_tensors, read_json
+from vqtok.files import load_tensors, read_json, read_jsonl
 
 from .vision import (
     CHECKPOINT_DIR,
@@ -72,7 +72,7 @@ from .vision import (
     read_pictures_uint8,
     tokenize_captions,
 )
-from .documents import check_keys, read_jsonl, unicode_text
+from .documents import check_keys, unicode_text
 from .vocab import Vocabulary
 from .world import CAPTION_PREFIX, COLOURS, SHAPES, _count_phrase, read_documents, read_scenes
 

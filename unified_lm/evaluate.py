@@ -43,11 +43,21 @@ from .render import decode_pictures
 from .sampler import ContinuousPicture, Prompt, Sampler
 from .sampling import SamplingConfig
 from .text_corpus import read_texts
-from .world import CAPTION_PREFIX, Scene, describe, parse_caption, read_documents, read_scenes, scene_facts
+from .world import (
+    CAPTION_PREFIX,
+    Scene,
+    cell_labels,
+    describe,
+    parse_caption,
+    read_documents,
+    read_scenes,
+    scene_facts,
+)
 from .world_check import (
     ATTRIBUTES,
     aggregate,
     derangement,
+    mean_and_error,
     read_picture,
     score_objects,
     score_picture,
@@ -57,8 +67,8 @@ from .world_check import (
 
 @dataclass
 class EvalSettings:
-    count: int = 48  # held-out documents per world task (the first `count` of each kind, in file order)
-    stories: int = 16  # held-out stories for the interleaved task
+    count: int = 0  # held-out documents per world task (the first `count` of each kind, in file order; 0: all)
+    stories: int = 0  # held-out stories for the interleaved task (0: all)
     text_documents: int = 100  # held-out English documents (the corpus's last N)
     text_corpus: str = "default"
     text_context: int = 256  # tokens per perplexity window
@@ -104,19 +114,20 @@ def load_world_tasks(world: str | os.PathLike, settings: EvalSettings, split: st
         raise FileNotFoundError(f"{world} holds no complete world (world.json missing); run `unified-lm world`")
     scenes = read_scenes(world)
     tasks = WorldTasks([], [], [], [])
+    count, stories = settings.count or math.inf, settings.stories or math.inf
     for document in read_documents(world, split):
         segments = document["segments"]
         kind = document["kind"]
-        if kind == "text_to_image" and len(tasks.captions) < settings.count:
+        if kind == "text_to_image" and len(tasks.captions) < count:
             tasks.captions.append((segments[0]["text"], scenes[segments[1]["image"]]))
-        elif kind == "image_to_text" and len(tasks.pictures) < settings.count:
+        elif kind == "image_to_text" and len(tasks.pictures) < count:
             image = segments[0]["image"]
             tasks.pictures.append((world / image, segments[1]["text"], scenes[image]))
-        elif kind == "qa" and len(tasks.questions) < settings.count:
+        elif kind == "qa" and len(tasks.questions) < count:
             question, answer = segments[1]["text"].split(" Answer: ")
             question += " Answer:"
             tasks.questions.append((world / segments[0]["image"], question, answer.rstrip("."), question_type(question)))
-        elif kind == "story" and len(tasks.stories) < settings.stories:
+        elif kind == "story" and len(tasks.stories) < stories:
             frames = [(segments[i]["text"], world / segments[i + 1]["image"], scenes[segments[i + 1]["image"]])
                       for i in range(0, len(segments), 2)]
             tasks.stories.append(frames)
@@ -218,7 +229,7 @@ class Evaluator:
         scores = [score_picture(r, s) for r, s in zip(readings, scenes)]
         items = [{"prompt": caption, "picture": picture, "reading": describe_reading(reading), "scores": score}
                  for (caption, _), picture, reading, score in zip(captions, pictures, readings, scores)]
-        return (TaskResult(aggregate(scores), items[: self.settings.examples]),
+        return (TaskResult(aggregate(scores, errors=True), items[: self.settings.examples]),
                 TaskResult(shuffled_scores(readings, scenes, self.settings.seed)))
 
     def image_to_text(self, pictures: list[tuple[Path, str, Scene]]) -> tuple[TaskResult, TaskResult]:
@@ -231,7 +242,8 @@ class Evaluator:
         chance = [score_caption(captions[i], scenes[j]) for i, j in enumerate(derangement(len(scenes), self.settings.seed))]
         items = [{"picture_path": str(path), "truth": truth, "output": caption, "scores": score}
                  for (path, truth, _), caption, score in zip(pictures, captions, scores)]
-        return TaskResult(aggregate(scores), items[: self.settings.examples]), TaskResult(aggregate(chance))
+        return (TaskResult(aggregate(scores, errors=True), items[: self.settings.examples]),
+                TaskResult(aggregate(chance, errors=True)))
 
     def qa(self, questions: list[tuple[Path, str, str, str]]) -> tuple[TaskResult, TaskResult]:
         codes = self.encode([path for path, _, _, _ in questions])
@@ -240,7 +252,7 @@ class Evaluator:
                    for d in documents]
         right = [float(a == truth) for a, (_, _, truth, _) in zip(answers, questions)]
         kinds = [kind for _, _, _, kind in questions]
-        metrics = {"accuracy": float(np.mean(right))} | by_kind(right, kinds)
+        metrics = with_error("accuracy", right) | by_kind(right, kinds)
         # chance: the answer to another question of the same type (a fixed derangement within each type)
         chance = [0.0] * len(questions)
         for kind in set(kinds):
@@ -253,7 +265,7 @@ class Evaluator:
         items = [{"picture_path": str(path), "prompt": q, "truth": truth, "output": a, "scores": {"correct": r}}
                  for (path, q, truth, _), a, r in zip(questions, answers, right)]
         return (TaskResult(metrics, items[: self.settings.examples]),
-                TaskResult({"accuracy": float(np.nanmean(chance))} | by_kind(chance, kinds)))
+                TaskResult(with_error("accuracy", chance) | by_kind(chance, kinds)))
 
     def interleaved(self, stories: list[list[tuple[str, Path, Scene]]]) -> tuple[TaskResult, TaskResult]:
         """Step k's prompt: every earlier step's text and *generated* picture, then step k's text."""
@@ -270,10 +282,9 @@ class Evaluator:
         flat = [(picture, scene, step) for frames in drawn for step, (picture, scene) in enumerate(frames)]
         readings = [read_picture(picture) for picture, _, _ in flat]
         scores = [score_picture(r, scene) for r, (_, scene, _) in zip(readings, flat)]
-        metrics = aggregate(scores)
-        metrics["first_step_colour_shape"] = float(np.mean([s["colour_shape"] for s, f in zip(scores, flat) if f[2] == 0]))
-        later = [s["colour_shape"] for s, f in zip(scores, flat) if f[2] > 0]
-        metrics["later_steps_colour_shape"] = float(np.mean(later)) if later else math.nan
+        metrics = aggregate(scores, errors=True)
+        metrics |= with_error("first_step_colour_shape", [s["colour_shape"] for s, f in zip(scores, flat) if f[2] == 0])
+        metrics |= with_error("later_steps_colour_shape", [s["colour_shape"] for s, f in zip(scores, flat) if f[2] > 0])
         per_step = iter(scores)  # flat is story by story, step by step
         items = [{"steps": [{"text": text, "picture": picture, "scores": next(per_step)}
                             for (text, _, _), (picture, _) in zip(story, frames)]}
@@ -299,9 +310,15 @@ class Evaluator:
                            "pieces": pieces, "characters": characters})
 
 
+def with_error(name: str, values: list[float]) -> dict[str, float]:
+    """{name: mean, name_se: its standard error} over the items (NaNs left out)."""
+    mean, error = mean_and_error(values)
+    return {name: mean, f"{name}_se": error}
+
+
 def by_kind(values: list[float], kinds: list[str]) -> dict[str, float]:
-    return {f"accuracy_{kind}": float(np.mean([v for v, k in zip(values, kinds) if k == kind]))
-            for kind in sorted(set(kinds))}
+    return {key: value for kind in sorted(set(kinds))
+            for key, value in with_error(f"accuracy_{kind}", [v for v, k in zip(values, kinds) if k == kind]).items()}
 
 
 def describe_reading(reading) -> str:
@@ -328,10 +345,11 @@ def tokenizer_metrics(tokenizer, photos: list[Path], world_pictures: list[tuple[
         result["photo_pairs"] = (to_uint8(images), to_uint8(metrics["reconstructions"]))
     resolution = grid[0] * tokenizer.downsample_factor
     pixels = torch.stack([to_tensor(preprocess(load_rgb(p), resolution)) for p, _ in world_pictures])
-    metrics = reconstruction_metrics(tokenizer, pixels)
+    metrics = reconstruction_metrics(tokenizer, pixels, labels=[cell_labels(scene) for _, scene in world_pictures])
     reconstructions = to_uint8(metrics.pop("reconstructions"))
     readings = [read_picture(p) for p in reconstructions]
-    result["world"] = metrics | {"checker": aggregate([score_picture(r, s) for r, (_, s) in zip(readings, world_pictures)])}
+    result["world"] = metrics | {"checker": aggregate([score_picture(r, s) for r, (_, s) in zip(readings, world_pictures)],
+                                                      errors=True)}
     result["world_pairs"] = (to_uint8(pixels), reconstructions)
     return result
 

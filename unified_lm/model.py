@@ -10,6 +10,9 @@ slow norm growth and divergence:
 - dropout after attention and feed-forward (Chameleon-7B: 0.1).
 
 Packed sequences: `document_ids` keeps attention inside each document and RoPE positions restart per document.
+Beyond Chameleon: `image_positions` adds a learned embedding of each image code's place in its picture
+(`code_positions`, from `Vocabulary.code_positions`), as DALL-E did for its image tokens; with 1-D RoPE alone a
+model must count tokens since <boi> to know which part of the picture it is drawing.
 Attention and the loss go through `kernels.attention.attention` and `kernels.linear_cross_entropy` so Triton
 kernels replace them on CUDA without touching this file. The forward also splices embeddings (the continuous
 encoder-adapter path) in at `<image>` placeholder positions.
@@ -259,6 +262,7 @@ class UnifiedTransformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = OutputHead(config.dim, config.vocab_size, self.embed if config.tied_embeddings else None)
+        self.code_position_embed = nn.Embedding(config.image_positions, config.dim) if config.image_positions else None
         self.embed_dropout = nn.Dropout(config.dropout)
         # the continuous path: image encoder + MLP adapter whose features fill <image> placeholders
         self.picture_adapter = PictureAdapter(config.picture, config.dim) if config.picture.encoder else None
@@ -280,9 +284,15 @@ class UnifiedTransformer(nn.Module):
         return self._rope
 
     def embed_tokens(self, tokens: torch.Tensor, splice_mask: torch.Tensor | None = None,
-                     splice_embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, dim); rows of `splice_embeddings` (M, dim) replace the M positions of `splice_mask`."""
+                     splice_embeddings: torch.Tensor | None = None,
+                     code_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, dim); rows of `splice_embeddings` (M, dim) replace the M positions of `splice_mask`;
+        code_positions (B, T), each image code's index in its picture (-1 elsewhere; None: no codes), adds the
+        image position embeddings."""
         h = self.embed(tokens)
+        if self.code_position_embed is not None and code_positions is not None:
+            inside = (code_positions >= 0)[..., None].to(h.dtype)
+            h = h + self.code_position_embed(code_positions.clamp(min=0)) * inside
         if splice_mask is None:
             return h
         count = int(splice_mask.sum())
@@ -306,15 +316,17 @@ class UnifiedTransformer(nn.Module):
                 document_ids: torch.Tensor | None = None, image_targets: torch.Tensor | None = None,
                 splice_mask: torch.Tensor | None = None, splice_embeddings: torch.Tensor | None = None,
                 picture_slots: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
-                loss_denominator: float | None = None, collect_stats: bool = False) -> ModelOutput:
-        """tokens, targets, loss_mask, document_ids, image_targets, splice_mask: (B, T).
+                code_positions: torch.Tensor | None = None, loss_denominator: float | None = None,
+                collect_stats: bool = False) -> ModelOutput:
+        """tokens, targets, loss_mask, document_ids, image_targets, splice_mask, code_positions: (B, T).
 
         document_ids=None means one document per row. image_targets marks targets that belong to pictures, for
         the per-modality losses. The loss is the masked sum divided by `loss_denominator` (default: this batch's
         target count); training passes a share of the whole step's target count so every target token weighs
         the same whatever micro-batch or rank it lands in. Without targets, returns logits (B, T, V).
         Continuous pictures come either as splice_mask + splice_embeddings, or as picture_slots (B, T) + pixels
-        (M, 3, S, S), encoded here by the picture adapter (`picture_features`).
+        (M, 3, S, S), encoded here by the picture adapter (`picture_features`). code_positions: see `embed_tokens`
+        (needed by models with image_positions whenever the tokens hold image codes).
         """
         batch, length = tokens.shape
         if length > self.config.max_seq_len:
@@ -327,7 +339,7 @@ class UnifiedTransformer(nn.Module):
         cos, sin = cos_table[positions], sin_table[positions]
         if picture_slots is not None:
             splice_mask, splice_embeddings = self.picture_features(picture_slots, pixels)
-        x = self.embed_dropout(self.embed_tokens(tokens, splice_mask, splice_embeddings))
+        x = self.embed_dropout(self.embed_tokens(tokens, splice_mask, splice_embeddings, code_positions))
         layer_stats = []
         for layer in self.layers:
             stats = {} if collect_stats else None
@@ -372,7 +384,7 @@ class UnifiedTransformer(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, valid: torch.Tensor | None = None,
                last_only: bool = False, slot: torch.Tensor | None = None, splice_mask: torch.Tensor | None = None,
-               splice_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+               splice_embeddings: torch.Tensor | None = None, code_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Incremental decoding: run `tokens` (B, T) through the model, appending their keys/values to `cache`.
 
         positions: (B, T) RoPE positions of the new tokens (a left-padded prompt's first real token is 0);
@@ -383,7 +395,8 @@ class UnifiedTransformer(nn.Module):
         slot: static-shape mode for CUDA graphs: one token per row (T = 1) written at cache slot `slot` (a 0-d
         long tensor), attending over the whole cache through the mask; `cache.length` is left to the caller.
         Every shape and address is then the same at every step, so the step can be captured once and replayed.
-        splice_mask / splice_embeddings: continuous pictures in a prompt (see `embed_tokens`).
+        splice_mask / splice_embeddings: continuous pictures in a prompt; code_positions (B, T): the new codes'
+        places in their pictures (see `embed_tokens`).
         """
         batch, length = tokens.shape
         if valid is None:
@@ -404,7 +417,7 @@ class UnifiedTransformer(nn.Module):
         cos_table, sin_table = self.rope(tokens.device)
         positions = positions.clamp(min=0)  # padding positions are unused; keep the table lookup in range
         cos, sin = cos_table[positions], sin_table[positions]
-        x = self.embed_tokens(tokens, splice_mask, splice_embeddings)
+        x = self.embed_tokens(tokens, splice_mask, splice_embeddings, code_positions)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None, None, LayerCache(cache.keys[index], cache.values[index], start, mask))
         if last_only:

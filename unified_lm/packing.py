@@ -141,6 +141,7 @@ class Batch:
     loss_mask: torch.Tensor
     document_ids: torch.Tensor
     image_targets: torch.Tensor
+    code_positions: torch.Tensor  # each input image code's index in its picture, -1 elsewhere
     # continuous path: slot of each <image> input (local picture * placeholders + patch, -1 elsewhere) and the
     # (M, 3, S, S) pixels in [-1, 1] of the batch's M distinct pictures
     picture_slots: torch.Tensor | None = None
@@ -152,7 +153,7 @@ class Batch:
 
     def model_kwargs(self) -> dict:
         kwargs = {"targets": self.targets, "loss_mask": self.loss_mask, "document_ids": self.document_ids,
-                  "image_targets": self.image_targets}
+                  "image_targets": self.image_targets, "code_positions": self.code_positions}
         if self.picture_slots is not None:
             kwargs.update(picture_slots=self.picture_slots, pixels=self.pixels)
         return kwargs
@@ -238,8 +239,10 @@ class PackedDataset:
         documents = torch.from_numpy(np.stack([r.documents for r in rows]))
         loss = torch.from_numpy(np.stack([r.loss for r in rows]))
         targets = tokens[:, 1:]
-        batch = Batch(inputs=tokens[:, :-1], targets=targets, loss_mask=target_mask(loss, documents),
-                      document_ids=documents[:, :-1], image_targets=self.vocab.in_picture(targets))
+        inputs = tokens[:, :-1]
+        batch = Batch(inputs=inputs, targets=targets, loss_mask=target_mask(loss, documents),
+                      document_ids=documents[:, :-1], image_targets=self.vocab.in_picture(targets),
+                      code_positions=self.vocab.code_positions(inputs))
         if self.pictures:
             batch.picture_slots, batch.pixels = self._batch_pictures(np.stack([r.pictures[:-1] for r in rows]))
         return batch

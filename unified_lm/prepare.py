@@ -9,6 +9,12 @@ tokenizer must match the vocabulary (codebook size, and weights when the vocabul
 The same inputs and seed give byte-identical shards. A run into a directory that already holds a dataset writes
 beside it and replaces it only once every document has been encoded (packing.DatasetStaging): bad input or an
 interruption leaves the old dataset intact.
+
+Caption dropout (`caption_dropout`, default 0.1 as in LlamaGen): a document that trains on its pictures loses all
+its text with that probability (decided per document from the seed, before shuffling), leaving
+<bos> pictures <eos>. That is exactly the context classifier-free guidance contrasts with: [<bos>, <boi>] for
+2-way CFG, the document without its text for Chameleon's 3-way CFG. Without it those contexts are never trained
+and guidance mixes in an untrained model's guesses.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ class PrepareSettings:
     # tokens each (from the image encoder and adapter pooling), instead of vqtok codes
     picture_size: int | None = None
     placeholders: int = 0
+    caption_dropout: float = 0.1  # probability that a document training on its pictures loses its text
 
 
 class ImageCodes:
@@ -134,6 +141,20 @@ class ImageCodes:
         return np.asarray(record.tokens).reshape(record.grid)
 
 
+def drop_captions(documents: list[Document], probability: float, seed: int) -> tuple[list[Document], int]:
+    """Caption dropout (module docstring): each document that trains on a picture and holds text loses its text
+    with `probability`; one draw per document in order, from `seed`. Returns the documents and how many lost text."""
+    if not 0.0 <= probability < 1.0:
+        raise ValueError(f"caption dropout must be in [0, 1), got {probability}")
+    draws = np.random.default_rng([seed, 0xCAFD]).random(len(documents))
+    kept, dropped = [], 0
+    for document, draw in zip(documents, draws):
+        if draw < probability and document.trains_pictures and any(isinstance(s, str) for s in document.segments):
+            document, dropped = document.without_text(), dropped + 1
+        kept.append(document)
+    return kept, dropped
+
+
 def prepare(documents_files: list[str], vocab_dir: str, out: str, settings: PrepareSettings,
             stores: list[str] = (), tokenizer: str | None = None, device: str = "cpu") -> dict:
     """Build a packed dataset in `out`; returns the dataset.json content."""
@@ -153,7 +174,9 @@ def prepare(documents_files: list[str], vocab_dir: str, out: str, settings: Prep
         kinds = f" of kind {list(settings.kinds)}" if settings.kinds else ""
         raise ValueError(f"no documents{kinds} in {documents_files}"
                          + (f" with split {settings.split!r}" if settings.split else ""))
+    documents, dropped = drop_captions(documents, settings.caption_dropout, settings.seed)
     extra = {"documents": len(documents), "seed": settings.seed,
+             "caption_dropout": settings.caption_dropout, "captions_dropped": dropped,
              "sources": [os.fspath(Path(p).resolve()) for p in documents_files], "split": settings.split,
              "kinds": list(settings.kinds), "text_documents": settings.text_documents}
     kinds: dict[str, int] = {}

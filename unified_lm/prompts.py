@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .documents import check_keys, read_jsonl, unicode_text
+from vqtok.files import read_jsonl
+
+from .documents import check_keys, unicode_text
 from .sampler import ContinuousPicture, Prompt
 
 PromptSpec = list  # segments: str (text) or Path (a picture file)

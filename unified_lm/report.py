@@ -13,15 +13,15 @@ import base64
 import html
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from vqtok.checkpoint import atomic_write_text
-from vqtok.images import atomic_save_png
 
-from .plot import plot_training_curves
+from .plot import LOSS_SERIES, draw_score_bars, plot_training_curves, plt, read_log, save_figure
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
@@ -64,28 +64,51 @@ TABLE = (
     ("tokenizer_photos", "psnr", "tokenizer, held-out photos: PSNR dB"),
     ("tokenizer_photos", "ssim", "tokenizer, held-out photos: SSIM"),
     ("tokenizer_photos", "codebook_usage", "tokenizer, held-out photos: codebook usage"),
+    ("tokenizer_photos", "stability_noise", "tokenizer, held-out photos: codes unchanged by +-1/255 noise"),
     ("tokenizer_world", "psnr", "tokenizer, held-out world pictures: PSNR dB"),
+    ("tokenizer_world", "stability_noise", "tokenizer, world pictures: codes unchanged by +-1/255 noise"),
+    ("tokenizer_world", "stability_reencode", "tokenizer, world pictures: codes unchanged when its reconstruction is re-encoded"),
+    ("tokenizer_world", "content.code_given_label", "tokenizer, world pictures: H(code | cell content), nats (0 = a function of content)"),
+    ("tokenizer_world", "content.label_given_code", "tokenizer, world pictures: H(cell content | code), nats (0 = one meaning per code)"),
+)
+# the summary picture's bars: (task, metric, label)
+SUMMARY = (
+    ("text_to_image", "colour_shape", "text -> picture\ncolour + shape"),
+    ("interleaved", "later_steps_colour_shape", "stories, later steps\ncolour + shape"),
+    ("image_to_text", "colour_shape", "picture -> caption\ncolour + shape"),
+    ("qa", "accuracy", "questions\nexact answer"),
 )
 COLUMNS = ("trained", "before_training", "chance", "ceiling")
 
 
-def _value(results: dict, task: str, metric: str, column: str):
+def _value(results: dict, task: str, metric: str, column: str, suffix: str = ""):
+    """A metric of one column (suffix "_se": its standard error); "a.b" reads nested metrics; None if absent."""
     if column == "ceiling":  # what the checker reads from the tokenizer's reconstructions of the true pictures
         if task in ("text_to_image", "interleaved") and "tokenizer_world" in results:
             checker = results["tokenizer_world"].get("trained", {}).get("checker", {})
             key = "colour_shape" if metric.endswith("colour_shape") else metric
-            return checker.get(key)
+            return checker.get(key + suffix)
         return None
-    return results.get(task, {}).get(column, {}).get(metric)
+    found = results.get(task, {}).get(column, {})
+    *parents, name = metric.split(".")
+    for parent in parents:
+        found = found.get(parent, {})
+    return found.get(name + suffix)
 
 
-def _format(value, metric: str) -> str:
+NATS = ("content.code_given_label", "content.label_given_code")
+
+
+def _format(value, metric: str, error=None) -> str:
+    """A table cell: percentages with their standard error when one is known (e.g. "81.2% ± 2.1")."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return ""
     if metric == "ssim":
         return f"{value:.3f}"
-    if metric in ("psnr", "perplexity", "bits_per_character"):
+    if metric in ("psnr", "perplexity", "bits_per_character") or metric in NATS:
         return f"{value:.2f}" if metric != "perplexity" else f"{value:,.1f}"
+    if error is not None and np.isfinite(error):
+        return f"{100 * value:.1f}% ± {100 * error:.1f}"
     return f"{100 * value:.1f}%"
 
 
@@ -95,8 +118,9 @@ def metrics_table(results: dict) -> str:
         values = [_value(results, task, metric, column) for column in COLUMNS]
         if values[0] is None:
             continue
-        cells = "".join(f'<td class="num{" best" if column == "trained" else ""}">{_format(v, metric)}</td>'
-                        for column, v in zip(COLUMNS, values))
+        errors = [_value(results, task, metric, column, "_se") for column in COLUMNS]
+        cells = "".join(f'<td class="num{" best" if column == "trained" else ""}">{_format(v, metric, e)}</td>'
+                        for column, v, e in zip(COLUMNS, values, errors))
         rows.append(f"<tr><td>{html.escape(label)}</td>{cells}</tr>")
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in COLUMNS)
     return f"<table><tr><th>measure</th>{head}</tr>{''.join(rows)}</table>"
@@ -163,7 +187,8 @@ def write_report(eval_dir: str | os.PathLike, run_dir: str | os.PathLike | None 
             + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
             + "</table>"]
     body.append("<h2>What the model learned</h2>" + metrics_table(results) +
-                "<p class='note'>before training: the same model at its initial weights (and the untrained tokenizer). "
+                "<p class='note'>± is one standard error of the mean over the held-out items. "
+                "before training: the same model at its initial weights (and the untrained tokenizer). "
                 "chance: the trained model's outputs scored against another prompt's ground truth (for text: uniform "
                 "over the text pieces). ceiling: the checker on the tokenizer's reconstructions of the true pictures. "
                 "Pictures are read by a deterministic checker built from the world's renderer.</p>")
@@ -183,7 +208,7 @@ def write_report(eval_dir: str | os.PathLike, run_dir: str | os.PathLike | None 
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
     out = eval_dir / "index.html"
     atomic_write_text(out, page)
-    summary_picture(eval_dir, report, curves.get("loss"))
+    summary_picture(eval_dir, report, read_log(Path(run_dir) / "log.jsonl") if run_dir else [])
     return out
 
 
@@ -201,7 +226,9 @@ def understanding_html(report: dict) -> str:
         if all(v is None for v in values):
             continue
         chance = models[names[0]].get("chance", {}).get(task, {}).get(metric)
-        cells = [("-" if v is None else f"{v:.1f}" if task == "text" else f"{100 * v:.1f}%") for v in values]
+        errors = [models[n].get(task, {}).get(f"{metric}_se") for n in names]
+        cells = [("-" if v is None else f"{v:.1f}" if task == "text" else _format(v, metric, e))
+                 for v, e in zip(values, errors)]
         chance_cell = "-" if chance is None or task == "text" else f"{100 * chance:.1f}%"
         rows.append(f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{c}</td>" for c in cells)
                     + f"<td>{chance_cell}</td></tr>")
@@ -219,38 +246,48 @@ def understanding_html(report: dict) -> str:
             f"<ul>{''.join(answers)}</ul>")
 
 
-def summary_picture(eval_dir: Path, report: dict, loss_curve: Path | None) -> Path:
-    """report.png: the key numbers, a loss curve and a row of text -> picture examples, for the README."""
+def summary_picture(eval_dir: Path, report: dict, records: list[dict]) -> Path:
+    """report.png, the README's one-picture summary: the key scores beside their baselines (standard-error bars),
+    the training loss, and a row of held-out text -> picture samples framed green where the checker reads every
+    asked-for object right in colour and shape."""
+    results = report["results"]
+    rows = [(label, {column: (value, _value(results, task, metric, column, "_se"))
+                     for column in COLUMNS if (value := _value(results, task, metric, column)) is not None})
+            for task, metric, label in SUMMARY if _value(results, task, metric, "trained") is not None]
     examples = report["examples"].get("text_to_image", [])[:8]
-    tile, pad = 96, 8
-    width = max(8 * (tile + pad) + pad, 640 + 2 * pad)
-    lines = []
-    for task, metric, label in TABLE:
-        trained = _value(report["results"], task, metric, "trained")
-        if trained is None or label.startswith("  "):
-            continue
-        before = _value(report["results"], task, metric, "before_training")
-        chance = _value(report["results"], task, metric, "chance")
-        ceiling = _value(report["results"], task, metric, "ceiling")
-        lines.append(f"{label}: {_format(trained, metric)}   (before training {_format(before, metric) or '-'}, "
-                     f"chance {_format(chance, metric) or '-'}" + (f", ceiling {_format(ceiling, metric)})" if ceiling is not None else ")"))
-    text_height = 14 * len(lines) + 2 * pad
-    curve = Image.open(loss_curve).convert("RGB") if loss_curve else None
-    height = text_height + (curve.height + pad if curve else 0) + (tile + 3 * pad if examples else 0)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for number, line in enumerate(lines):
-        draw.text((pad, pad + 14 * number), line, fill=(30, 30, 30))
-    top = text_height
-    if curve:
-        canvas.paste(curve, (pad, top))
-        top += curve.height + pad
+    figure = plt.figure(figsize=(12, 7.2))
+    grid = figure.add_gridspec(2, max(2, len(examples)), height_ratios=(3, 1.3))
+    columns = max(2, len(examples))
+    scores = figure.add_subplot(grid[0, : columns // 2 + 1])
+    draw_score_bars(scores, rows, "% right on held-out world documents (±1 standard error)")
+    scores.set_title("what the model learned")
+    loss = figure.add_subplot(grid[0, columns // 2 + 1:])
+    for key, label, colour in LOSS_SERIES:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            loss.plot(*zip(*points), label=label, color=colour, linewidth=1.5)
+    loss.set_xlabel("optimizer step")
+    loss.set_ylabel("cross-entropy (nats per target token)")
+    loss.set_title("training loss")
+    loss.grid(alpha=0.3)
+    if records:
+        loss.legend(frameon=False, fontsize="small")
     for number, example in enumerate(examples):
-        picture = Image.open(eval_dir / example["picture"]).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
-        left = pad + number * (tile + pad)
-        canvas.paste(picture, (left, top))
-        ok = example["scores"].get("colour_shape", 0) >= 1.0
-        draw.rectangle([left, top + tile + 2, left + tile, top + tile + 6], fill=(26, 127, 55) if ok else (198, 40, 40))
-    path = eval_dir / "report.png"
-    atomic_save_png(np.asarray(canvas), path)
-    return path
+        axes = figure.add_subplot(grid[1, number])
+        axes.imshow(np.asarray(Image.open(eval_dir / example["picture"]).convert("RGB")), interpolation="nearest")
+        right = example["scores"].get("colour_shape", 0) >= 1.0
+        for spine in axes.spines.values():
+            spine.set_edgecolor("#1a7f37" if right else "#c62828")
+            spine.set_linewidth(3)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.set_xlabel(_short(example["prompt"]), fontsize=6.5)
+    figure.suptitle("held-out text -> picture samples (green frame: every object right in colour and shape)",
+                    y=0.02, fontsize=9)
+    return save_figure(figure, eval_dir / "report.png")
+
+
+def _short(caption: str, width: int = 24) -> str:
+    """A caption's placements, wrapped to a few short lines for a picture's label."""
+    placements = caption.split(". ", 1)[-1]
+    return "\n".join(textwrap.wrap(placements, width)[:4])

@@ -223,6 +223,10 @@ class Sampler:
             raise ValueError(f"model vocab_size {model.config.vocab_size} does not match the vocabulary ({vocab.size} ids)")
         self.model, self.vocab = model.eval(), vocab
         self.image_grid = tuple(image_grid) if image_grid is not None else None
+        positions = model.config.image_positions
+        if positions and self.image_grid is not None and self.grid_tokens > positions:
+            raise ValueError(f"a {self.image_grid[0]}x{self.image_grid[1]} picture has {self.grid_tokens} codes, but the "
+                             f"model has image position embeddings for {positions}")
         self.device = next(model.parameters()).device
         self.static = compile or (self.device.type == "cuda" if static is None else static)
         self.compile = compile
@@ -355,7 +359,8 @@ class Sampler:
         start = time.perf_counter()
         splice_mask, splice_embeddings = self._continuous_splice(prompts, tokens.to(self.device))
         logits = model.decode(tokens.to(self.device), cache, positions.to(self.device), valid.to(self.device),
-                              last_only=True, splice_mask=splice_mask, splice_embeddings=splice_embeddings)[:, 0]
+                              last_only=True, splice_mask=splice_mask, splice_embeddings=splice_embeddings,
+                              code_positions=vocab.code_positions(tokens).to(self.device))[:, 0]
         self._sync()
         self.stats.prefill_seconds += time.perf_counter() - start
         next_position = [len(ids) for ids in rows]
@@ -411,6 +416,7 @@ class Sampler:
                 trace.tokens.append([t if finish[r] is None else None for r, t in enumerate(drawn)])
 
             feed = [None] * total_rows  # the token each row takes this step (None: a padding slot)
+            feed_code_position = [-1] * total_rows  # its place in its picture when it is an image code
             for row in range(batch):
                 if finish[row] is not None:
                     continue
@@ -436,9 +442,12 @@ class Sampler:
                     builders[row].finish()
                     continue
                 feed[row] = token
+                if in_image[row] and vocab.is_image(token):
+                    feed_code_position[row] = image_filled[row] - 1
                 if contexts > 1 and vocab.in_picture(token):
                     for block in range(1, contexts):
                         feed[block * batch + row] = token
+                        feed_code_position[block * batch + row] = feed_code_position[row]
                     if token == special.boi:  # the unconditional context restarts at every picture: [<bos>, <boi>]
                         uncond = (contexts - 1) * batch + row
                         cache.key_valid[uncond, : cache.length] = False
@@ -451,13 +460,15 @@ class Sampler:
             step_tokens = torch.tensor([special.pad if f is None else f for f in feed[:run_rows]])[:, None]
             step_valid = torch.tensor([f is not None for f in feed[:run_rows]])[:, None]
             step_positions = torch.tensor(next_position[:run_rows])[:, None]
-            step_inputs = (step_tokens.to(self.device), step_positions.to(self.device), step_valid.to(self.device))
+            step_code_positions = torch.tensor(feed_code_position[:run_rows])[:, None]
+            step_inputs = tuple(t.to(self.device) for t in (step_tokens, step_positions, step_valid, step_code_positions))
             if self.static:
                 step_logits = steps[run_rows](*step_inputs, cache.length)
                 cache.length += 1
             else:
                 view = cache if run_rows == total_rows else cache.head(run_rows)
-                step_logits = model.decode(step_inputs[0], view, step_inputs[1], step_inputs[2])[:, 0]
+                step_logits = model.decode(step_inputs[0], view, step_inputs[1], step_inputs[2],
+                                           code_positions=step_inputs[3])[:, 0]
                 cache.length = view.length
             if run_rows == total_rows:
                 logits = step_logits

@@ -177,8 +177,15 @@ def freeze_for_stage(model: UnifiedTransformer, config: UnifiedConfig) -> None:
 
 
 def check_pictures(model: UnifiedTransformer, dataset: PackedDataset) -> None:
-    """A continuous-path dataset holds `placeholders` <image> tokens per picture: the model's encoder and pooling
-    must give exactly that many features at the dataset's picture size."""
+    """Pictures must fit the model: a continuous-path dataset holds `placeholders` <image> tokens per picture, which
+    the model's encoder and pooling must give exactly at the dataset's picture size; image codes need an image
+    position embedding each (model.image_positions), when the model has them."""
+    positions = model.config.image_positions
+    for grid in dataset.info.get("image_grids") or {}:
+        height, width = map(int, grid.split("x"))
+        if positions and height * width > positions:
+            raise ValueError(f"{dataset.root} holds {grid} pictures ({height * width} codes) but model.image_positions "
+                             f"is {positions}; raise it to at least {height * width}")
     pictures = dataset.pictures
     if not pictures:
         return
@@ -234,9 +241,11 @@ class Trainer:
         self.device = torch.device("cuda", local_rank) if on_cuda else torch.device("cpu")
         if on_cuda:
             torch.cuda.set_device(self.device)
-        else:  # share the cores between the processes on this machine
+        else:  # share the cores between the processes on this machine (OMP_NUM_THREADS, when set, decides)
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            threads = os.environ.get("OMP_NUM_THREADS", "")
+            torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
+                                  else max(1, (os.cpu_count() or 1) // local_world))
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         if self.zero_stage == 3:  # build partitioned: a model too large for one device never exists whole
             torch.manual_seed(config.train.seed)  # identical initial weights on every rank

@@ -108,7 +108,7 @@ def comparison_table(report: dict) -> str:
     models = report["models"]
     names = list(models)
     header = "| metric | " + " | ".join(f"{n} ({models[n]['path']})" for n in names) + " | chance |"
-    lines = [header, "|" + "---|" * (len(names) + 2)]
+    lines = [header, "|" + "---|" * (len(names) + 2)]  # ± one standard error over the held-out items
     for task, metric, label in ROWS:
         values = [models[n].get(task, {}).get(metric) for n in names]
         if all(v is None for v in values):
@@ -118,7 +118,9 @@ def comparison_table(report: dict) -> str:
             cells = [f"{v:.1f}" if v is not None else "-" for v in values]
             chance_cell = "-"
         else:
-            cells = [f"{100 * v:.1f}%" if v is not None else "-" for v in values]
+            errors = [models[n].get(task, {}).get(f"{metric}_se") for n in names]
+            cells = [("-" if v is None else f"{100 * v:.1f}%" + (f" ± {100 * e:.1f}" if e is not None and e == e else ""))
+                     for v, e in zip(values, errors)]
             chance_cell = f"{100 * chance:.1f}%" if chance is not None else "-"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {chance_cell} |")
     return "\n".join(lines)

@@ -220,6 +220,19 @@ class Vocabulary:
             table = self._tables[ids.device] = torch.as_tensor(self._code_of_id >= 0, device=ids.device)
         return table[ids]
 
+    def code_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., T) ids -> (..., T) long: each image code's index inside its picture (raster order, 0 for the first
+        code after <boi>), -1 for every other token (the model's `image_positions` embeddings). A picture whose
+        <boi> is not in the row (a document split across packed rows) gets -1 throughout."""
+        import torch
+
+        index = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        none = torch.full_like(index, -1)
+        last_boi = torch.where(ids == self.special.boi, index, none).cummax(-1).values
+        last_eoi = torch.where(ids == self.special.eoi, index, none).cummax(-1).values
+        inside = (last_boi > last_eoi) & self.is_image(ids)
+        return torch.where(inside, index - last_boi - 1, none)
+
     def in_picture(self, ids):
         """Image codes and the <boi>/<eoi> brackets around them: the image side of the per-modality losses."""
         return self.is_image(ids) | (ids == self.special.boi) | (ids == self.special.eoi)

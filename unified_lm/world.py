@@ -36,6 +36,9 @@ File layout written by `generate_world(out_dir, ...)`
     out_dir/images/scene-000000.png, story-000003-1.png ...   RGB PNGs, image_size x image_size
     out_dir/documents.jsonl   {"id", "kind", "train_on", "split", "segments"}; image paths relative to out_dir
     out_dir/scenes.jsonl      ground truth per image: {"image", "objects", "word", "word_cell", "caption"}
+    out_dir/labels.jsonl      what each cell of each image shows, {"image", "cells": 3x3 of "empty" |
+                              "word GO" | "small red circle"}: `vqtok eval --labels` measures from it whether the
+                              tokenizer's codes are a function of the content
     out_dir/world.json        settings, counts and vocabulary; written last, so its presence means complete
 The "heldout" split holds scenes (and story frames) that appear nowhere in the "train" split.
 """
@@ -55,7 +58,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-FORMAT = "unified-lm-world/2"  # 2: image_to_text texts start with CAPTION_PREFIX
+FORMAT = "unified-lm-world/3"  # 2: image_to_text texts start with CAPTION_PREFIX; 3: labels.jsonl
 
 # A diamond is a rotated square and blurs into a circle at 10 pixels; a plus-shaped cross stays distinct.
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -73,7 +76,8 @@ CELL_PHRASES = {
     "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right",
 }
 WORDS = ("HI", "OK", "GO", "UP", "NO", "YES")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+# scenes hold at most four objects; a generated picture may hold up to nine (one per cell)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # After a picture, a caption and a question would otherwise both be likely continuations: the prefix says which
 # one is asked for (`unified-lm eval` prompts with the picture and "Caption:").
 CAPTION_PREFIX = "Caption: "
@@ -155,6 +159,17 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 4, word_probabilit
         free = scene.free_cells()
         scene = Scene(scene.objects, WORDS[rng.integers(len(WORDS))], free[rng.integers(len(free))])
     return scene
+
+
+def cell_labels(scene: Scene) -> list[list[str]]:
+    """What each cell shows, as a 3x3 grid of strings in CELLS order: "empty", "word GO", "small red circle".
+    When the picture side is a multiple of 3 (e.g. 48 px) every cell starts on a whole pixel and renders the same
+    wherever it is, so equal labels mean equal pixels."""
+    labels = {obj.cell: f"{obj.size} {obj.colour} {obj.shape}" for obj in scene.objects}
+    if scene.word is not None:
+        labels[scene.word_cell] = f"word {scene.word}"
+    flat = [labels.get(cell, "empty") for cell in CELLS]
+    return [flat[row * 3:row * 3 + 3] for row in range(3)]
 
 
 def scene_facts(scene: Scene) -> Counter:
@@ -266,7 +281,7 @@ _SHAPE = "|".join(SHAPES)
 _CELL_PHRASE = "|".join(sorted(CELL_PHRASES.values(), key=len, reverse=True))  # longest first: "top left" > "top"
 _CELL_OF_PHRASE = {phrase: cell for cell, phrase in CELL_PHRASES.items()}
 _COUNT_OF_WORD = {"a": 1, "an": 1, **{word: n for n, word in enumerate(NUMBER_WORDS)}}
-_INVENTORY_RE = re.compile(rf"\b(an?|one|two|three|four) ({_COLOUR}) ({_SHAPE})(?:es|s)?\b")
+_INVENTORY_RE = re.compile(rf"\b(an?|{'|'.join(NUMBER_WORDS[1:])}) ({_COLOUR}) ({_SHAPE})(?:es|s)?\b")
 _PLACEMENT_RE = re.compile(rf"\b(?:an?|one) ({'|'.join(SIZES)}) ({_COLOUR}) ({_SHAPE}) ({_CELL_PHRASE})\b")
 _WORD_RE = re.compile(rf"\bthe word ([A-Z]+) is written ({_CELL_PHRASE})\b")
 
@@ -454,7 +469,8 @@ def _write_world(directory: Path, settings: dict) -> dict:
     kind_counts = dict.fromkeys(KINDS, 0)
     split_counts = {"train": 0, "heldout": 0}
     num_images = 0
-    with open(directory / "documents.jsonl", "w") as documents, open(directory / "scenes.jsonl", "w") as scenes:
+    with (open(directory / "documents.jsonl", "w") as documents, open(directory / "scenes.jsonl", "w") as scenes,
+          open(directory / "labels.jsonl", "w") as labels):
         for index, (kind, split, frames, texts) in enumerate(_plan(settings)):
             doc_id = f"{'story' if kind == 'story' else 'scene'}-{index:06d}"
             segments = []
@@ -462,6 +478,7 @@ def _write_world(directory: Path, settings: dict) -> dict:
                 image = f"images/{doc_id}-{step}.png" if kind == "story" else f"images/{doc_id}.png"
                 _render_image(frame, image_size).save(directory / image, format="PNG", compress_level=6)
                 scenes.write(json.dumps({"image": image, **frame.to_json(), "caption": describe(frame)}) + "\n")
+                labels.write(json.dumps({"image": image, "cells": cell_labels(frame)}) + "\n")
                 num_images += 1
                 if kind == "image_to_text" or kind == "qa":
                     segments += [{"image": image}, {"text": text}]

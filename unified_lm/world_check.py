@@ -22,6 +22,7 @@ It learns nothing. Everything it compares against comes from the world's own ren
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -241,13 +242,25 @@ def score_picture(reading: PictureReading, scene: Scene) -> dict[str, float]:
     return scores
 
 
-def aggregate(scores: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Mean of each ATTRIBUTES key over the pictures whose scores have it (word: scenes with a word)."""
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); nan for one value), NaNs left out."""
+    values = np.asarray([v for v in values if not np.isnan(v)], dtype=np.float64)
+    if len(values) == 0:
+        return math.nan, math.nan
+    error = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else math.nan
+    return float(values.mean()), error
+
+
+def aggregate(scores: Sequence[dict[str, float]], errors: bool = False) -> dict[str, float]:
+    """Mean of each ATTRIBUTES key over the pictures whose scores have it (word: scenes with a word); with
+    `errors`, also KEY_se, the standard error of that mean over the pictures."""
     means = {}
     for key in ATTRIBUTES:
         values = [score[key] for score in scores if key in score]
         if values:
-            means[key] = float(np.mean(values))
+            means[key], error = mean_and_error(values)
+            if errors:
+                means[f"{key}_se"] = error
     return means
 
 
@@ -266,4 +279,5 @@ def shuffled_scores(readings: Sequence[PictureReading], scenes: Sequence[Scene],
     """Chance baseline: each reading scored against another picture's scene (a seeded derangement)."""
     if len(readings) != len(scenes):
         raise ValueError(f"need as many readings as scenes; got {len(readings)} and {len(scenes)}")
-    return aggregate([score_picture(readings[i], scenes[j]) for i, j in enumerate(derangement(len(readings), seed))])
+    return aggregate([score_picture(readings[i], scenes[j]) for i, j in enumerate(derangement(len(readings), seed))],
+                     errors=True)
