@@ -15,6 +15,8 @@ from unified_lm.config import ModelConfig
 from unified_lm.evaluate import (
     EvalSettings,
     Evaluator,
+    WorldTasks,
+    first_of_each,
     first_sentence,
     question_type,
     score_caption,
@@ -106,6 +108,12 @@ def test_text_perplexity_matches_the_models_own_loss(text_model):
     assert result["bits_per_character"] == pytest.approx(nats / math.log(2) / sum(map(len, texts)), rel=1e-4)
     # an untrained model is near uniform over the whole vocabulary
     assert 0.5 * vocab.size < result["perplexity"] < 2 * vocab.size
+
+
+def test_the_untrained_baseline_reads_the_first_items_of_every_task():
+    tasks = WorldTasks(list(range(10)), list(range(20, 25)), list(range(30, 33)), [[1], [2], [3]])
+    assert first_of_each(tasks, 2) == WorldTasks([0, 1], [20, 21], [30, 31], [[1], [2]])
+    assert first_of_each(tasks, 100) == tasks
 
 
 def test_reduced_loop_end_to_end_writes_the_report(tmp_path):

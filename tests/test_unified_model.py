@@ -29,7 +29,9 @@ def test_forward_backward_shapes(qk_norm, norm_reordering):
     tokens = torch.randint(0, VOCAB, (3, 40))
     logits = model(tokens).logits
     assert logits.shape == (3, 40, VOCAB)
-    output = model(tokens, targets=tokens.roll(-1, 1), image_targets=tokens > 60, collect_stats=True)
+    code_positions = torch.where(tokens > 60, torch.arange(40).expand(3, 40), -1)  # ids > 60 play picture codes
+    output = model(tokens, targets=tokens.roll(-1, 1), image_targets=tokens > 60, code_positions=code_positions,
+                   collect_stats=True)
     assert output.loss.shape == () and torch.isfinite(output.loss)
     output.loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}

@@ -216,9 +216,11 @@ def cmd_eval(args) -> int:
     settings = EvalSettings(count=args.count, stories=args.stories, text_documents=args.text_documents,
                             text_corpus=args.text_corpus, guidance=args.cfg, guidance_scale=args.cfg_scale,
                             image_temperature=args.image_temperature, image_top_k=args.image_top_k,
-                            batch_size=args.batch_size, seed=args.seed, baselines=not args.no_baselines)
-    if min(settings.count, settings.stories) < 0 or settings.batch_size < 1 or settings.text_documents < 0:
-        raise ValueError("--count, --stories and --text-documents must be >= 0 (0: all held-out ones), --batch-size positive")
+                            batch_size=args.batch_size, seed=args.seed, baselines=not args.no_baselines,
+                            baseline_count=args.baseline_count)
+    if min(settings.count, settings.stories, settings.baseline_count) < 0 or settings.batch_size < 1 or settings.text_documents < 0:
+        raise ValueError("--count, --stories, --baseline-count and --text-documents must be >= 0 (0: all held-out "
+                         "ones), --batch-size positive")
     loaded = load_model(args.ckpt, args.device)
     tokenizer, meta = load_tokenizer(args.tokenizer, args.device)
     loaded.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {args.tokenizer}")
@@ -447,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the untrained model and tokenizer")
+    evaluate.add_argument("--baseline-count", type=int, default=48, help="held-out documents per task for the "
+                          "untrained model (0: as many as for the trained one)")
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=cmd_eval)
 

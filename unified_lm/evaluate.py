@@ -80,6 +80,9 @@ class EvalSettings:
     seed: int = 0
     examples: int = 12  # items per task kept with pictures for the report
     baselines: bool = True  # also evaluate the untrained model and tokenizer
+    # held-out documents per task for the untrained model (0: as many as the trained model's): its outputs are
+    # noise, so a few dozen give its rate to within a few points, and it runs every generation to the token limit
+    baseline_count: int = 48
 
 
 @dataclass
@@ -135,6 +138,11 @@ def load_world_tasks(world: str | os.PathLike, settings: EvalSettings, split: st
         raise ValueError(f"{world}: the {split!r} split lacks some document kinds (text_to_image, image_to_text, qa, "
                          "story); generate a larger world")
     return tasks
+
+
+def first_of_each(tasks: WorldTasks, count: int) -> WorldTasks:
+    """The first `count` items of each task (stories included)."""
+    return WorldTasks(tasks.captions[:count], tasks.pictures[:count], tasks.questions[:count], tasks.stories[:count])
 
 
 def held_out_texts(corpus: str, count: int) -> list[str]:
@@ -383,6 +391,8 @@ def evaluate(loaded, tokenizer, world: str | os.PathLike, out: str | os.PathLike
         return value
 
     for name, model in models.items():
+        if name == "before_training" and settings.baseline_count:
+            tasks = first_of_each(tasks, settings.baseline_count)
         log(f"[eval] {name}: text -> image ({len(tasks.captions)}), image -> text ({len(tasks.pictures)}), "
             f"questions ({len(tasks.questions)}), stories ({len(tasks.stories)}), text ({len(texts)} documents)")
         evaluator = Evaluator(model, loaded.vocab, tokenizer, grid, settings)

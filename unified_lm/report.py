@@ -257,11 +257,11 @@ def summary_picture(eval_dir: Path, report: dict, records: list[dict]) -> Path:
     examples = report["examples"].get("text_to_image", [])[:8]
     figure = plt.figure(figsize=(12, 7.2))
     grid = figure.add_gridspec(2, max(2, len(examples)), height_ratios=(3, 1.3))
-    columns = max(2, len(examples))
-    scores = figure.add_subplot(grid[0, : columns // 2 + 1])
+    top = grid[0, :].subgridspec(1, 2, width_ratios=(1.7, 1), wspace=0.25)  # room for the loss axis' label
+    scores = figure.add_subplot(top[0])
     draw_score_bars(scores, rows, "% right on held-out world documents (±1 standard error)")
     scores.set_title("what the model learned")
-    loss = figure.add_subplot(grid[0, columns // 2 + 1:])
+    loss = figure.add_subplot(top[1])
     for key, label, colour in LOSS_SERIES:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
