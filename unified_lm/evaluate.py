@@ -391,15 +391,16 @@ def evaluate(loaded, tokenizer, world: str | os.PathLike, out: str | os.PathLike
         return value
 
     for name, model in models.items():
+        own = tasks
         if name == "before_training" and settings.baseline_count:
-            tasks = first_of_each(tasks, settings.baseline_count)
-        log(f"[eval] {name}: text -> image ({len(tasks.captions)}), image -> text ({len(tasks.pictures)}), "
-            f"questions ({len(tasks.questions)}), stories ({len(tasks.stories)}), text ({len(texts)} documents)")
+            own = first_of_each(tasks, settings.baseline_count)
+        log(f"[eval] {name}: text -> image ({len(own.captions)}), image -> text ({len(own.pictures)}), "
+            f"questions ({len(own.questions)}), stories ({len(own.stories)}), text ({len(texts)} documents)")
         evaluator = Evaluator(model, loaded.vocab, tokenizer, grid, settings)
-        runs = {"text_to_image": timed("text_to_image", evaluator.text_to_image, tasks.captions),
-                "image_to_text": timed("image_to_text", evaluator.image_to_text, tasks.pictures),
-                "qa": timed("qa", evaluator.qa, tasks.questions),
-                "interleaved": timed("interleaved", evaluator.interleaved, tasks.stories)}
+        runs = {"text_to_image": timed("text_to_image", evaluator.text_to_image, own.captions),
+                "image_to_text": timed("image_to_text", evaluator.image_to_text, own.pictures),
+                "qa": timed("qa", evaluator.qa, own.questions),
+                "interleaved": timed("interleaved", evaluator.interleaved, own.stories)}
         for task, (result, chance) in runs.items():
             results.setdefault(task, {})[name] = result.metrics
             if name == "trained":
