@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         config = EvalSettings(count=args.count, guidance=guidance, guidance_scale=scale, baselines=False)
         captions = load_world_tasks(args.world, config).captions
         start = time.perf_counter()
-        result, chance = Evaluator(loaded.model, loaded.vocab, tokenizer, loaded.image_grid, config).text_to_image(captions)
+        evaluator = Evaluator(loaded.model, loaded.vocab, tokenizer, loaded.image_grid, config)
+        result, chance = evaluator.text_to_image(captions)
         rows.append({"guidance": guidance, "scale": scale, "prompts": len(captions), **result.metrics,
                      "chance_colour_shape": chance.metrics["colour_shape"],
                      "seconds": round(time.perf_counter() - start, 1)})

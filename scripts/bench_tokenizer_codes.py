@@ -106,8 +106,10 @@ def run_recipe(name: str, out: Path, steps: int) -> dict:
     return {"recipe": name, "description": description, "steps": steps, "train_seconds": round(seconds),
             "world_psnr": world_metrics["psnr"], "ceiling_colour_shape": checker["colour_shape"],
             "ceiling_colour": checker["colour"], "ceiling_shape": checker["shape"], "ceiling_word": checker.get("word"),
-            "stability_noise": world_metrics["stability_noise"], "stability_reencode": world_metrics["stability_reencode"],
-            "code_given_content_nats": content["code_given_label"], "content_given_code_nats": content["label_given_code"],
+            "stability_noise": world_metrics["stability_noise"],
+            "stability_reencode": world_metrics["stability_reencode"],
+            "code_given_content_nats": content["code_given_label"],
+            "content_given_code_nats": content["label_given_code"],
             "codes_per_content": content["codes_per_label"], "world_codes_used": world_metrics["used_codes"],
             "photo_psnr": photos["psnr"], "photo_stability_noise": photos["stability_noise"]}
 
