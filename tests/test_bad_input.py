@@ -378,7 +378,8 @@ def test_unified_lm_sample(row, c, capsys):
 
 
 LM_EVAL = [
-    Row("count -1", lambda c: ["--count", "-1"], "--count, --stories, --baseline-count and --text-documents must be >= 0"),
+    Row("count -1", lambda c: ["--count", "-1"], "--count, --stories and --baseline-count must be 0 (all held-out"),
+    Row("one story", lambda c: ["--stories", "1"], "or at least 2 (chance scores each output against another"),
     Row("weights header damaged", lambda c: ["--ckpt", corrupt_header(lm_checkpoint(c) / "model.safetensors").parent],
         "model.safetensors: not a readable safetensors file"),
     Row("tokenizer of another codebook", lambda c: ["--tokenizer", edit_json(tok_checkpoint(c) / "meta.json", lambda d:

@@ -116,6 +116,33 @@ def test_the_untrained_baseline_reads_the_first_items_of_every_task():
     assert first_of_each(tasks, 100) == tasks
 
 
+def test_eval_scores_every_held_out_item_and_the_untrained_model_its_first_few(tmp_path, lm_run, tiny_run):
+    """`unified-lm eval --count 0`: every held-out document of each task; the untrained baseline reads only the
+    first --baseline-count, and the tokenizer rows still read every held-out picture."""
+    from unified_lm.checkpoint import untrained_model, write_model_files
+    from unified_lm.cli import main as lm_main
+    from unified_lm.config import preset
+    from unified_lm.vocab import Vocabulary
+    from unified_lm.world import generate_world, read_documents
+
+    vocab = Vocabulary.load(lm_run[1])
+    config = preset("tiny")
+    config.model.vocab_size, config.model.max_seq_len = vocab.size, 1024
+    run = tmp_path / "lm"  # 12x12 codes a picture: 24 px through the f2 test tokenizer, the checker's smallest
+    write_model_files(run / "checkpoints" / "step_00000001", untrained_model(config).state_dict(), config, vocab,
+                      {"step": 1, "image_grids": {"12x12": 1}})
+    (run / "latest").write_text("step_00000001\n")
+    world = generate_world(tmp_path / "world", num_scenes=200, seed=1, image_size=32).out_dir
+    out = tmp_path / "eval"
+    argv = ["eval", "--ckpt", run, "--tokenizer", tiny_run, "--world", world, "--out", out, "--photos", "none",
+            "--text-documents", "0", "--baseline-count", "2", "--stories", "2"]
+    assert lm_main([str(a) for a in argv]) == 0
+    results = json.loads((out / "eval.json").read_text())["results"]
+    held_out = sum(d["kind"] == "image_to_text" for d in read_documents(world, "heldout"))
+    assert held_out > 2 and results["tokenizer_world"]["trained"]["images"] == held_out
+    assert set(results["text_to_image"]) == {"trained", "before_training", "chance"}
+
+
 def test_reduced_loop_end_to_end_writes_the_report(tmp_path):
     """The README's main command at the `ci` preset: every stage runs (2-process DeepSpeed training included),
     the report holds every task with its baselines, and a re-run reuses every stage."""

@@ -218,9 +218,12 @@ def cmd_eval(args) -> int:
                             image_temperature=args.image_temperature, image_top_k=args.image_top_k,
                             batch_size=args.batch_size, seed=args.seed, baselines=not args.no_baselines,
                             baseline_count=args.baseline_count)
-    if min(settings.count, settings.stories, settings.baseline_count) < 0 or settings.batch_size < 1 or settings.text_documents < 0:
-        raise ValueError("--count, --stories, --baseline-count and --text-documents must be >= 0 (0: all held-out "
-                         "ones), --batch-size positive")
+    counts = (settings.count, settings.stories, settings.baseline_count)
+    if min(counts) < 0 or 1 in counts:  # chance scores each output against another item's truth: two at least
+        raise ValueError("--count, --stories and --baseline-count must be 0 (all held-out ones) or at least 2 "
+                         "(chance scores each output against another item's truth)")
+    if settings.batch_size < 1 or settings.text_documents < 0:
+        raise ValueError("--batch-size must be positive and --text-documents >= 0")
     loaded = load_model(args.ckpt, args.device)
     tokenizer, meta = load_tokenizer(args.tokenizer, args.device)
     loaded.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {args.tokenizer}")
