@@ -322,10 +322,8 @@ def understanding_stages(out: Path, preset: Preset, encoder: Job | None) -> None
     for job in (stage1, discrete):
         if job is not None:
             job.wait()
-    continuous = train_lm(out, preset, "lm_continuous", "packed_understanding_continuous", preset.stage2_steps,
-                          preset.stage_set + [f"train.init_from={out / 'lm_stage1'}"])
-    if continuous is not None:
-        continuous.wait()
+    train_lm(out, preset, "lm_continuous", "packed_understanding_continuous", preset.stage2_steps,
+             preset.stage_set + [f"train.init_from={out / 'lm_stage1'}"])
     if not (out / "understanding" / "understanding.json").exists():
         stage("understand", ["understand", "--discrete", f"before={out / 'lm'}", "--discrete",
                              f"discrete={out / 'lm_discrete'}", "--continuous", f"continuous={out / 'lm_continuous'}",

@@ -340,6 +340,8 @@ def cmd_chameleon(args) -> int:
     return 0
 
 
+# One flat declaration of every command and flag (~180 lines), read top to bottom like the --help it prints:
+# splitting it into per-command functions would add indirection, not clarity. Issue 18 moves it into cli/.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unified-lm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -45,14 +45,11 @@ def save_figure(figure, out: str | os.PathLike) -> Path:
     return out
 
 
-def plot_series(records: list[dict], series: tuple, out: str | os.PathLike, ylabel: str = "value",
-                title: str | None = None) -> Path | None:
-    """Draw `series` ((key, label, colour), ...) of a training log against the optimizer step; returns the PNG
-    path, or None when there is nothing to draw."""
+def draw_series(axes, records: list[dict], series: tuple, ylabel: str = "value", title: str | None = None,
+                legend_size: str = "medium") -> bool:
+    """Draw `series` ((key, label, colour), ...) of a training log against the optimizer step on `axes`;
+    False when the log holds none of them."""
     lines = {key: [(r["step"], r[key]) for r in records if r.get(key) is not None] for key, _, _ in series}
-    if not any(lines.values()):
-        return None
-    figure, axes = plt.subplots(figsize=(6.4, 3.6))
     for key, label, colour in series:
         if lines[key]:
             steps, values = zip(*lines[key])
@@ -62,7 +59,18 @@ def plot_series(records: list[dict], series: tuple, out: str | os.PathLike, ylab
     if title:
         axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(frameon=False)
+    if any(lines.values()):
+        axes.legend(frameon=False, fontsize=legend_size)
+    return any(lines.values())
+
+
+def plot_series(records: list[dict], series: tuple, out: str | os.PathLike, ylabel: str = "value",
+                title: str | None = None) -> Path | None:
+    """`draw_series` in a figure of its own; returns the PNG path, or None when there is nothing to draw."""
+    figure, axes = plt.subplots(figsize=(6.4, 3.6))
+    if not draw_series(axes, records, series, ylabel, title):
+        plt.close(figure)
+        return None
     return save_figure(figure, out)
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from vqtok.checkpoint import atomic_write_text
 
-from .plot import LOSS_SERIES, draw_score_bars, plot_training_curves, plt, read_log, save_figure
+from .plot import CURVES, draw_score_bars, draw_series, plot_training_curves, plt, read_log, save_figure
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
@@ -261,17 +261,8 @@ def summary_picture(eval_dir: Path, report: dict, records: list[dict]) -> Path:
     scores = figure.add_subplot(top[0])
     draw_score_bars(scores, rows, "% right on held-out world documents (±1 standard error)")
     scores.set_title("what the model learned")
-    loss = figure.add_subplot(top[1])
-    for key, label, colour in LOSS_SERIES:
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            loss.plot(*zip(*points), label=label, color=colour, linewidth=1.5)
-    loss.set_xlabel("optimizer step")
-    loss.set_ylabel("cross-entropy (nats per target token)")
-    loss.set_title("training loss")
-    loss.grid(alpha=0.3)
-    if records:
-        loss.legend(frameon=False, fontsize="small")
+    ylabel, series = CURVES["loss"]
+    draw_series(figure.add_subplot(top[1]), records, series, ylabel, "training loss", legend_size="small")
     for number, example in enumerate(examples):
         axes = figure.add_subplot(grid[1, number])
         axes.imshow(np.asarray(Image.open(eval_dir / example["picture"]).convert("RGB")), interpolation="nearest")

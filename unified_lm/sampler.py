@@ -310,6 +310,9 @@ class Sampler:
                                  "holds none (give --image PATH)")
 
     # -- generation -----------------------------------------------------------------------------------------------
+    # generate is long (~180 lines): one loop over parallel per-row lists (finish, in_image, image_filled, ...).
+    # Issue 18 rebuilds it as a per-row state dataclass with logits processors around a small loop; it is not
+    # split here so that rewrite starts from one piece rather than from fragments sharing those lists.
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], config: SamplingConfig,
                  on_event: Callable[[SampleEvent], None] | None = None,

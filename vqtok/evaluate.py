@@ -29,9 +29,9 @@ from .metrics import agreement, code_statistics, conditional_entropy, psnr, ssim
 def perturb(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """images (N, 3, H, W) in [-1, 1] with every value moved one 8-bit level (1/255 of the range) up or down at
     random (seeded), clamped to the range: an imperceptible change that a stable tokenizer ignores."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU, so the noise is the same on every device
     signs = torch.randint(0, 2, images.shape, generator=generator, dtype=torch.int8).float() * 2 - 1
-    return (images + signs * (2 / 255)).clamp(-1, 1)
+    return (images + signs.to(images.device) * (2 / 255)).clamp(-1, 1)
 
 
 def as_8bit(images: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ def reconstruction_metrics(model, images: torch.Tensor, batch_size: int = 8, lpi
         reconstruction = model.decode(codes).clamp(-1, 1)
         indices.append(codes.cpu())
         reconstructions.append(reconstruction.cpu())
-        noisy.append(model.encode(perturb(batch.cpu(), seed=first).to(device)).cpu())
+        noisy.append(model.encode(perturb(batch, seed=first)).cpu())
         reencoded.append(model.encode(as_8bit(reconstruction)).cpu())
         psnrs.append(psnr(batch, reconstruction).cpu())
         ssims.append(ssim(batch, reconstruction).cpu())

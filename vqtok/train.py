@@ -41,7 +41,7 @@ from .metrics import RollingCodeUsage, psnr
 log = logging.getLogger(__name__)
 
 KMEANS_VECTORS_PER_CODE = 16
-KMEANS_MAX_DISTANCES = 1 << 26  # vector-quantize-pytorch's k-means holds a (vectors, codes) distance matrix
+KMEANS_MAX_DISTANCES = 1 << 26  # k-means (quantizer.kmeans_plus_plus) holds a (vectors, codes) distance matrix
 
 
 def learning_rate(config: VQConfig, step: int) -> float:
