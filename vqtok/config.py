@@ -86,7 +86,8 @@ class QuantizerConfig:
     dead_code_threshold: float = 2.0
     # what a revived code starts from: "batch" (vector-quantize-pytorch: random latents of the batch; in pictures
     # where one content dominates, mostly copies of it, which then split that content between near-equal codes)
-    # or "worst" (the batch's latents the live codes fit worst: contents still sharing a code get one of their own)
+    # or "worst" (the batch's latents the live codes fit worst: contents still sharing a code get one of their own;
+    # one process only: data-parallel training keeps the library's cross-rank sampler)
     revive_from: str = "batch"
     commitment_weight: float = 0.25
 

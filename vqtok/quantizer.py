@@ -84,6 +84,9 @@ class VectorQuantizer(nn.Module):
             sync_codebook=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1,
             accept_image_fmap=True,
         )
+        # several processes keep the library's distributed sampler (it draws across ranks; worst-fit would need a
+        # gather first): documented beside QuantizerConfig.revive_from. Not an error: encoding under torchrun
+        # builds this module too, and never revives.
         if config.revive_from == "worst" and not self.vq._codebook.replace_sample_fn.__name__.endswith("distributed"):
             self.vq._codebook.replace_sample_fn = self._worst_fit
 
