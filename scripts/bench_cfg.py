@@ -17,11 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from runkit.files import atomic_write_text  # noqa: E402
+from unified_lm.eval.evaluate import EvalSettings, Evaluator, load_world_tasks  # noqa: E402
+from unified_lm.model.checkpoint import load_model  # noqa: E402
 from vqtok.checkpoint import load_tokenizer  # noqa: E402
-from vqtok.files import atomic_write_text  # noqa: E402
-
-from unified_lm.checkpoint import load_model  # noqa: E402
-from unified_lm.evaluate import EvalSettings, Evaluator, load_world_tasks  # noqa: E402
 
 
 def percent(metrics: dict, key: str) -> str:

@@ -64,10 +64,11 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     from chameleon_fixtures import build_hf_checkpoint
 
-    from unified_lm.chameleon import import_chameleon
-    from unified_lm.checkpoint import load_model
-    from unified_lm.sampler import Prompt, Sampler
-    from unified_lm.sampling import ModalitySampling, SamplingConfig
+    from unified_lm.generate.sampler import Sampler
+    from unified_lm.generate.sampling import ModalitySampling, SamplingConfig
+    from unified_lm.generate.segments import Prompt
+    from unified_lm.interop.chameleon import import_chameleon
+    from unified_lm.model.checkpoint import load_model
 
     if args.small:
         shape = dict(codebook_size=64, dim=64, layers=2, heads=4, kv_heads=2, text_vocab=300, max_positions=512)

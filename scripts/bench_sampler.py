@@ -25,12 +25,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from unified_lm.config import preset
-from unified_lm.model import UnifiedTransformer
-from unified_lm.sampler import Prompt, Sampler
-from unified_lm.sampling import SamplingConfig
-from unified_lm.text_corpus import read_texts
-from unified_lm.vocab import Vocabulary, train_text_model
+from unified_lm.generate.sampler import Sampler
+from unified_lm.generate.sampling import SamplingConfig
+from unified_lm.generate.segments import Prompt
+from unified_lm.model.config import preset
+from unified_lm.model.transformer import UnifiedTransformer
+from unified_lm.tokens.text_corpus import read_texts
+from unified_lm.tokens.vocab import Vocabulary, train_text_model
 
 
 def read_bandwidth(device: torch.device, megabytes: int) -> float:

@@ -56,7 +56,7 @@ RECIPES = {  # name -> (description, overrides on top of `small` + BASE)
 
 def world_and_data(out: Path) -> tuple[Path, list[str]]:
     """The 48 px world (6000 scenes, as the old quickstart), its training pictures and the training photos."""
-    from unified_lm.world import generate_world, read_documents
+    from unified_lm.world.corpus import generate_world, read_documents
     from vqtok.data import default_photo_paths
 
     world = generate_world(out / "world", num_scenes=6000, seed=0, image_size=48).out_dir
@@ -77,8 +77,8 @@ def run_recipe(name: str, out: Path, steps: int) -> dict:
     """Train one recipe (resuming) and measure it; returns the results row."""
     import torch
 
-    from unified_lm.evaluate import tokenizer_metrics
-    from unified_lm.world import read_documents, read_scenes
+    from unified_lm.eval.evaluate import tokenizer_metrics
+    from unified_lm.world.corpus import read_documents, read_scenes
     from vqtok.config import preset
     from vqtok.data import default_photo_paths, resolve_sources
     from vqtok.train import Trainer

@@ -24,10 +24,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from unified_lm.documents import EncodedDocument
-from unified_lm.packing import pack_documents, write_dataset
-from unified_lm.vocab import Vocabulary, train_text_model
-from vqtok.distributed import free_port
+from runkit.distributed import free_port
+from unified_lm.data.packing import pack_documents, write_dataset
+from unified_lm.tokens.documents import EncodedDocument
+from unified_lm.tokens.vocab import Vocabulary, train_text_model
 
 
 def synthetic_dataset(out: Path, seq_len: int, rows: int, text_vocab: int, codebook_size: int, seed: int = 0) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vqtok.checkpoint import atomic_write_text
+from runkit.files import atomic_write_text
 from vqtok.config import preset
 from vqtok.data import default_photo_paths
 from vqtok.evaluate import evaluate

@@ -28,12 +28,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from runkit.files import atomic_write_text  # noqa: E402
+from unified_lm.generate.prompts import encode_pictures  # noqa: E402
+from unified_lm.vision.contrastive import load_encoder, load_pictures  # noqa: E402
+from unified_lm.world.corpus import CELLS, WORDS, read_documents, read_scenes  # noqa: E402
 from vqtok.checkpoint import load_tokenizer  # noqa: E402
-from vqtok.files import atomic_write_text  # noqa: E402
-
-from unified_lm.prompts import encode_pictures  # noqa: E402
-from unified_lm.vision import load_encoder, load_pictures  # noqa: E402
-from unified_lm.world import CELLS, WORDS, read_documents, read_scenes  # noqa: E402
 
 
 def word_pictures(world: Path, split: str) -> list[tuple[Path, str, int]]:

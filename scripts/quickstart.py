@@ -46,10 +46,10 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from runkit.distributed import free_port  # noqa: E402
 from unified_lm.cli import main as unified_lm  # noqa: E402
 from vqtok.cli import main as vqtok  # noqa: E402
 from vqtok.data import default_photo_paths  # noqa: E402
-from vqtok.distributed import free_port  # noqa: E402
 
 STAGES = ("world", "photos", "tokenizer", "encode", "vocab", "prepare", "lm", "sample", "eval", "encoder", "stage1",
           "stage2", "understand")
@@ -374,7 +374,7 @@ def run(out: Path, preset: Preset) -> dict:
 
 def finish_report(out: Path, preset_name: str, preset: Preset, seconds: float, pages: dict[str, Path]) -> Path:
     """Rewrite the report with the run's facts (wall time, peak memory, preset) and links to the samples."""
-    from unified_lm.report import write_report
+    from unified_lm.eval.report import write_report
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     itself = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from unified_lm.config import UnifiedConfig, load_config
-from unified_lm.packing import PackedDataset
-from unified_lm.vocab import Vocabulary
+from runkit.files import read_json
+from runkit.typed_config import parse_overrides
+from unified_lm.data.packing import PackedDataset
+from unified_lm.model.config import UnifiedConfig, load_config
+from unified_lm.tokens.vocab import Vocabulary
 from vqtok.cli import error_line
-from vqtok.files import read_json
-from vqtok.typed_config import parse_overrides
 
 BAD_INPUT = (ValueError, OSError, KeyError, MemoryError, RuntimeError)  # one line, exit 2 (see vqtok.cli.error_line)
 
@@ -63,14 +63,14 @@ def fill_picture_encoder(config: UnifiedConfig) -> None:
     if config.train.encoder_run:
         from dataclasses import asdict
 
-        from unified_lm.vision import read_encoder_config, resolve_encoder
+        from unified_lm.vision.contrastive import read_encoder_config, resolve_encoder
 
         vision = asdict(read_encoder_config(resolve_encoder(config.train.encoder_run)).vision)
         if picture.encoder and picture.encoder != vision:
             raise ValueError(f"model.picture.encoder {picture.encoder} differs from train.encoder_run's {vision}")
         picture.encoder = vision
     elif config.train.init_from and not picture.encoder:
-        from unified_lm.checkpoint import resolve_run
+        from unified_lm.model.checkpoint import resolve_run
 
         source = resolve_run(config.train.init_from) / "config.json"
         initial = UnifiedConfig.from_dict(read_json(source)).model.picture
@@ -121,7 +121,7 @@ def fail(err: BaseException, verbose: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from unified_lm.train import Trainer, TrainingDiverged, ensure_launch_env
+    from unified_lm.train.trainer import Trainer, TrainingDiverged, ensure_launch_env
 
     out = Path(args.out)
     try:

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from unified_lm.chameleon import image_token_name  # noqa: E402
+from unified_lm.interop.chameleon import image_token_name  # noqa: E402
 from vqtok.compat import import_torchvision  # noqa: E402
 
 import_torchvision()  # transformers' image utilities import torchvision (CUDA build on a CPU torch)

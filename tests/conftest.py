@@ -17,7 +17,7 @@ from PIL import Image
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vqtok.distributed import free_port  # noqa: F401  (re-exported for the tests)
+from runkit.distributed import free_port  # noqa: F401  (re-exported for the tests)
 
 os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="vqtok-test-torch-home-")  # never read a user's hub cache
 REPO = Path(__file__).resolve().parents[1]
@@ -79,9 +79,9 @@ def lm_data(tmp_path_factory):
     dataset (rows of 65 tokens): everything unified_lm training needs, built in a few seconds."""
     from types import SimpleNamespace
 
-    from unified_lm.prepare import PrepareSettings, prepare
-    from unified_lm.vocab import build_vocabulary
-    from unified_lm.world import generate_world, world_texts
+    from unified_lm.data.prepare import PrepareSettings, prepare
+    from unified_lm.tokens.vocab import build_vocabulary
+    from unified_lm.world.corpus import generate_world, world_texts
     from vqtok.token_store import ShardWriter, write_manifest
 
     root = tmp_path_factory.mktemp("lm_data")
@@ -105,9 +105,10 @@ def lm_run(tmp_path_factory, lm_data, tiny_run):
     """A unified_lm run directory (latest -> one checkpoint) of an untrained `tiny` model over a vocabulary built
     for `tiny_run`'s tokenizer (so sampling and eval can encode and decode pictures): written directly, no
     DeepSpeed, in a second. Returns (run directory, vocabulary directory)."""
-    from unified_lm.checkpoint import untrained_model, write_model_files
-    from unified_lm.config import preset
-    from unified_lm.vocab import build_vocabulary
+    from unified_lm.model.checkpoint import write_model_files
+    from unified_lm.model.config import preset
+    from unified_lm.tokens.vocab import build_vocabulary
+    from unified_lm.train.initial import untrained_model
     from vqtok.checkpoint import read_checkpoint
 
     root = tmp_path_factory.mktemp("lm_run")

@@ -18,9 +18,9 @@ pytest.importorskip("tokenizers")
 from chameleon_fixtures import build_hf_checkpoint, tiny_vq_config  # noqa: E402
 from transformers import ChameleonForConditionalGeneration, ChameleonVQVAE, ChameleonVQVAEConfig  # noqa: E402
 
-from unified_lm.chameleon import code_of_name, export_chameleon, image_token_name, import_chameleon  # noqa: E402
-from unified_lm.checkpoint import load_model  # noqa: E402
 from unified_lm.cli import main as unified_main  # noqa: E402
+from unified_lm.interop.chameleon import code_of_name, export_chameleon, image_token_name, import_chameleon  # noqa: E402
+from unified_lm.model.checkpoint import load_model  # noqa: E402
 from vqtok import chameleon as vq_chameleon  # noqa: E402
 from vqtok.checkpoint import load_tokenizer  # noqa: E402
 
@@ -236,10 +236,10 @@ def test_export_loads_in_transformers_with_the_same_logits(converted, tmp_path):
 def test_native_model_exports_and_comes_back(tmp_path, lm_data):
     """A model of this codebase (sentencepiece vocabulary, our id layout, a vqtok tokenizer) -> transformers ->
     back: the same logits in transformers, and the re-imported checkpoint has the same ids and weights."""
-    from unified_lm.checkpoint import write_model_files
-    from unified_lm.config import preset
-    from unified_lm.model import UnifiedTransformer
-    from unified_lm.vocab import Vocabulary
+    from unified_lm.model.checkpoint import write_model_files
+    from unified_lm.model.config import preset
+    from unified_lm.model.transformer import UnifiedTransformer
+    from unified_lm.tokens.vocab import Vocabulary
     from vqtok.checkpoint import save_checkpoint
     from vqtok.model import VQModel
 
@@ -283,8 +283,9 @@ def test_native_model_exports_and_comes_back(tmp_path, lm_data):
 def test_greedy_text_generation_matches_transformers_generate(converted):
     """Our sampler (KV cache, greedy) and transformers' generate pick the same tokens when both allow the same
     ids (transformers masks image tokens; the sampler's text mode also leaves out the special tokens)."""
-    from unified_lm.sampler import Prompt, Sampler
-    from unified_lm.sampling import ModalitySampling, SamplingConfig
+    from unified_lm.generate.sampler import Sampler
+    from unified_lm.generate.sampling import ModalitySampling, SamplingConfig
+    from unified_lm.generate.segments import Prompt
 
     hf, _, ours = converted
     loaded = load_model(ours)
@@ -343,8 +344,8 @@ def test_imported_checkpoint_fine_tunes(converted, lm_data, tmp_path):
     from safetensors.torch import load_file
     from test_unified_train import train
 
-    from unified_lm.checkpoint import resolve_run
-    from unified_lm.prepare import PrepareSettings, prepare
+    from unified_lm.data.prepare import PrepareSettings, prepare
+    from unified_lm.model.checkpoint import resolve_run
 
     _, _, ours = converted
     packed = tmp_path / "packed"

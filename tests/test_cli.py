@@ -7,10 +7,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import python
+from PIL import Image
 from test_images import _bad_files
+
 from vqtok.cli import main
 from vqtok.token_store import TokenStore
 

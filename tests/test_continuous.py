@@ -11,14 +11,15 @@ import pytest
 import torch
 from test_unified_train import train
 
-from unified_lm.config import preset
-from unified_lm.model import UnifiedTransformer
-from unified_lm.packing import PackedDataset
-from unified_lm.prepare import PrepareSettings, prepare
-from unified_lm.sampler import ContinuousPicture, Prompt, Sampler
-from unified_lm.sampling import SamplingConfig
-from unified_lm.vision import encoder_preset
-from unified_lm.vocab import Vocabulary
+from unified_lm.data.packing import PackedDataset
+from unified_lm.data.prepare import PrepareSettings, prepare
+from unified_lm.generate.sampler import Sampler
+from unified_lm.generate.sampling import SamplingConfig
+from unified_lm.generate.segments import ContinuousPicture, Prompt
+from unified_lm.model.config import preset
+from unified_lm.model.transformer import UnifiedTransformer
+from unified_lm.tokens.vocab import Vocabulary
+from unified_lm.vision.contrastive import encoder_preset
 from vqtok.images import load_rgb, preprocess
 
 PLACEHOLDERS = 16  # the tiny encoder's 4x4 patch grid at 32 px
@@ -144,7 +145,7 @@ def test_sampler_reads_continuous_prompt_pictures(lm_data):
 @pytest.fixture(scope="session")
 def encoder_run(lm_data, tmp_path_factory):
     """A `tiny` image encoder trained for 4 steps on the test world (its run directory)."""
-    from unified_lm.encoder_train import EncoderTrainer
+    from unified_lm.train.encoder import EncoderTrainer
 
     run = tmp_path_factory.mktemp("encoder") / "run"
     config = encoder_preset("tiny").with_overrides({"train.steps": 4, "train.checkpoint_every": 4})
@@ -155,7 +156,7 @@ def encoder_run(lm_data, tmp_path_factory):
 def weights(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from unified_lm.checkpoint import resolve_run
+    from unified_lm.model.checkpoint import resolve_run
 
     return load_file(resolve_run(run) / "model.safetensors")
 
@@ -163,7 +164,8 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 def fixed_batch_loss(run: Path, data: Path, initial: bool = False) -> float:
     """The loss on the dataset's first 16 rows of the run's final weights, or of the weights it started from
     (`untrained_model` rebuilds them: seeded init, then train.encoder_run and train.init_from)."""
-    from unified_lm.checkpoint import load_model, untrained_model
+    from unified_lm.model.checkpoint import load_model
+    from unified_lm.train.initial import untrained_model
 
     loaded = load_model(run)
     model = untrained_model(loaded.config) if initial else loaded.model
@@ -187,7 +189,7 @@ def test_stage1_trains_only_the_adapter_and_stage2_lowers_the_loss(lm_data, cont
                    f"train.encoder_run={encoder_run}", "--set", "train.freeze_lm=true")
     assert "trainable" in result.stdout
     before, after = weights(base), weights(stage1)
-    from unified_lm.vision import load_encoder
+    from unified_lm.vision.contrastive import load_encoder
 
     encoder = load_encoder(encoder_run)[0].vision.state_dict()
     for name, tensor in after.items():
@@ -199,7 +201,7 @@ def test_stage1_trains_only_the_adapter_and_stage2_lowers_the_loss(lm_data, cont
     changed = [n for n in after if n.startswith("picture_adapter.adapter.")]
     assert fixed_batch_loss(stage1, continuous_data[0]) < fixed_batch_loss(stage1, continuous_data[0], initial=True)
     # frozen parameters have no optimizer state: only the adapter's tensors went into the optimizer
-    from unified_lm.checkpoint import resolve_run
+    from unified_lm.model.checkpoint import resolve_run
 
     meta = json.loads((resolve_run(stage1) / "meta.json").read_text())
     assert meta["trainable_parameters"] == sum(after[n].numel() for n in changed)

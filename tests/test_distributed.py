@@ -6,8 +6,8 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import REPO, free_port, python
+
 from vqtok.token_store import TokenStore
 
 pytestmark = pytest.mark.slow

@@ -13,20 +13,20 @@ import torch
 from conftest import TEST_TOKENIZER
 
 from unified_lm import cli
-from unified_lm.contrastive import info_nce_loss, sigmoid_loss
-from unified_lm.encoder_train import EncoderTrainer, batch_indices, zero_shot
-from unified_lm.vision import (
+from unified_lm.tokens.vocab import Vocabulary, build_vocabulary
+from unified_lm.train.encoder import EncoderTrainer, batch_indices, zero_shot
+from unified_lm.vision.contrastive import (
     ContrastiveModel,
     TextEncoder,
-    VisionEncoder,
     encoder_preset,
     encoder_vocabulary,
     load_encoder,
     load_pictures,
     tokenize_captions,
 )
-from unified_lm.vocab import Vocabulary, build_vocabulary
-from unified_lm.world import COLOURS, SHAPES, generate_world, world_texts
+from unified_lm.vision.encoder import VisionEncoder
+from unified_lm.vision.losses import info_nce_loss, sigmoid_loss
+from unified_lm.world.corpus import COLOURS, SHAPES, generate_world, world_texts
 
 STEPS = 24  # the tiny training run: long enough for the loss to fall, short enough for a CPU test
 

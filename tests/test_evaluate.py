@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from unified_lm.config import ModelConfig
-from unified_lm.evaluate import (
+from unified_lm.eval.evaluate import (
     EvalSettings,
     Evaluator,
     WorldTasks,
@@ -21,10 +20,11 @@ from unified_lm.evaluate import (
     question_type,
     score_caption,
 )
-from unified_lm.model import UnifiedTransformer
-from unified_lm.vocab import build_vocabulary
-from unified_lm.world import CAPTION_PREFIX, describe, sample_scene
-from unified_lm.world_check import derangement
+from unified_lm.model.config import ModelConfig
+from unified_lm.model.transformer import UnifiedTransformer
+from unified_lm.tokens.vocab import build_vocabulary
+from unified_lm.world.check import derangement
+from unified_lm.world.corpus import CAPTION_PREFIX, describe, sample_scene
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,11 +119,12 @@ def test_the_untrained_baseline_reads_the_first_items_of_every_task():
 def test_eval_scores_every_held_out_item_and_the_untrained_model_its_first_few(tmp_path, lm_run, tiny_run):
     """`unified-lm eval --count 0`: every held-out document of each task; the untrained baseline reads only the
     first --baseline-count, and the tokenizer rows still read every held-out picture."""
-    from unified_lm.checkpoint import untrained_model, write_model_files
     from unified_lm.cli import main as lm_main
-    from unified_lm.config import preset
-    from unified_lm.vocab import Vocabulary
-    from unified_lm.world import generate_world, read_documents
+    from unified_lm.model.checkpoint import write_model_files
+    from unified_lm.model.config import preset
+    from unified_lm.tokens.vocab import Vocabulary
+    from unified_lm.train.initial import untrained_model
+    from unified_lm.world.corpus import generate_world, read_documents
 
     vocab = Vocabulary.load(lm_run[1])
     config = preset("tiny")

@@ -52,7 +52,7 @@ def clear(error: BaseException) -> bool:
 
 def parse_and_encode(path: Path, vocab) -> None:
     """Read every document and encode it, pictures as a fixed 2x2 grid: a clear error or success."""
-    from unified_lm.documents import encode_document, read_documents
+    from unified_lm.tokens.documents import encode_document, read_documents
 
     for document in read_documents(path):
         encode_document(document, vocab, lambda segment, where: np.zeros((2, 2), np.int64))
@@ -60,7 +60,7 @@ def parse_and_encode(path: Path, vocab) -> None:
 
 @pytest.fixture(scope="module")
 def vocab(lm_data):
-    from unified_lm.vocab import Vocabulary
+    from unified_lm.tokens.vocab import Vocabulary
 
     return Vocabulary.load(lm_data.vocab_dir)
 
@@ -99,8 +99,8 @@ def flat_fields(data: dict, prefix: str = "") -> list[str]:
 
 
 def config_cases():
-    from unified_lm.config import preset as unified_preset
-    from unified_lm.vision import encoder_preset
+    from unified_lm.model.config import preset as unified_preset
+    from unified_lm.vision.contrastive import encoder_preset
     from vqtok.config import preset as vq_preset
 
     return {"vqtok": vq_preset("tiny"), "unified_lm": unified_preset("tiny"), "encoder": encoder_preset("tiny")}
@@ -128,13 +128,13 @@ def test_config_overrides_give_a_clear_error_or_a_valid_config(kind):
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_config_files_give_a_clear_error_or_a_valid_config(kind, tmp_path):
-    from unified_lm.config import PRESETS as UNIFIED
-    from unified_lm.config import UnifiedConfig
-    from unified_lm.vision import PRESETS as ENCODER
-    from unified_lm.vision import EncoderConfig
+    from runkit.typed_config import load_preset_or_file
+    from unified_lm.model.config import PRESETS as UNIFIED
+    from unified_lm.model.config import UnifiedConfig
+    from unified_lm.vision.contrastive import PRESETS as ENCODER
+    from unified_lm.vision.contrastive import EncoderConfig
     from vqtok.config import PRESETS as VQ
     from vqtok.config import VQConfig
-    from vqtok.typed_config import load_preset_or_file
 
     presets, cls = {"vqtok": (VQ, VQConfig), "unified_lm": (UNIFIED, UnifiedConfig), "encoder": (ENCODER, EncoderConfig)}[kind]
     sections = list(CONFIGS[kind].to_dict())
@@ -157,7 +157,7 @@ def test_config_files_give_a_clear_error_or_a_valid_config(kind, tmp_path):
                   JSON | keyed(["temperature", "top_k", "top_p", "repetition_penalty", "mode", "scale", "image_scale"],
                                EDGES | st.floats())))
 def test_sampling_settings_give_a_clear_error_or_valid_settings(data):
-    from unified_lm.sampling import SamplingConfig
+    from unified_lm.generate.sampling import SamplingConfig
 
     try:
         config = SamplingConfig.from_dict(data)
@@ -170,7 +170,7 @@ def test_sampling_settings_give_a_clear_error_or_valid_settings(data):
 @FUZZ
 @given(pairs=st.lists(TEXT, max_size=4))
 def test_override_strings_give_a_clear_error_or_overrides(pairs):
-    from vqtok.typed_config import parse_overrides
+    from runkit.typed_config import parse_overrides
 
     try:
         CONFIGS["vqtok"].with_overrides(parse_overrides(pairs)).validate()
@@ -186,7 +186,7 @@ NAMES = st.lists(st.sampled_from(["..", ".", "a", "link", "", "b.png", "/", "\0"
 @FUZZ
 @given(name=NAMES)
 def test_confined_names_never_leave_their_folder(name):
-    from vqtok.files import confined
+    from runkit.files import confined
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "root"

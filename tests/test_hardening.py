@@ -42,7 +42,7 @@ def write_docs(path, *records) -> str:
 
 # -- 1: a failed prepare never destroys the dataset already there ------------------------------------------------
 def test_1_failed_prepare_keeps_the_dataset_already_there(lm_data, tmp_path, capsys):
-    from unified_lm.packing import PackedDataset
+    from unified_lm.data.packing import PackedDataset
 
     source = sorted((lm_data.world / "images").iterdir())[0].name
     out = tmp_path / "packed"
@@ -81,7 +81,7 @@ def test_2_decode_refuses_source_names_that_leave_out(tmp_path, tiny_run, image_
 
 
 def test_2_confined_names_stay_inside_their_folder(tmp_path):
-    from vqtok.files import confined
+    from runkit.files import confined
 
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "link").symlink_to(tmp_path)
@@ -107,7 +107,7 @@ def test_3_crafted_checkpoint_sizes_are_refused_before_building(lm_run, capsys):
 
 
 def test_3_crafted_vocabulary_sizes_are_refused_before_allocating(lm_data, tmp_path):
-    from unified_lm.vocab import Vocabulary
+    from unified_lm.tokens.vocab import Vocabulary
 
     for field, value in (("codebook_size", 10**12), ("codebook_size", [64]), ("codebook_size", True)):
         vocab = tmp_path / f"vocab-{field}-{value}"
@@ -197,8 +197,8 @@ def test_5_pruning_deletes_damaged_checkpoints_not_the_good_one(tmp_path, image_
 
 
 def test_5_training_pruning_keeps_what_either_resume_path_can_use(tmp_path):
-    from unified_lm.train import DEEPSPEED_FILES, RESUME_FILES
-    from vqtok.checkpoint import prune_checkpoints, write_manifest
+    from runkit.checkpoints import prune_checkpoints, write_manifest
+    from unified_lm.train.trainer import DEEPSPEED_FILES, RESUME_FILES
 
     folder = tmp_path / "checkpoints"
     layouts = {1: ["model.safetensors", "config.json", "resume/rank00000.json", "resume/rank00000.safetensors"],
@@ -229,7 +229,7 @@ def test_7_unknown_keys_are_refused(lm_data, tmp_path, capsys, record, phrase):
 
 
 def test_7_unknown_keys_in_encoder_pairs_are_refused(tmp_path):
-    from unified_lm.encoder_train import read_pairs_file
+    from unified_lm.train.encoder import read_pairs_file
 
     pairs = write_docs(tmp_path / "pairs.jsonl", {"image": "a.png", "text": "a red circle."},
                        {"image": "b.png", "text": "a blue square.", "weight": 2})
@@ -273,8 +273,8 @@ def test_10_bad_deepspeed_configs_name_the_field(lm_data, tmp_path, capsys, laun
 
 
 def test_10_zero_stage_given_as_a_string_is_accepted():
-    from unified_lm.config import preset
-    from unified_lm.train import resolve_deepspeed_config
+    from unified_lm.model.config import preset
+    from unified_lm.train.trainer import resolve_deepspeed_config
 
     path = REPO / "configs" / "deepspeed" / "zero2.json"
     text = path.read_text().replace('"stage": 2', '"stage": "2"')
@@ -288,7 +288,7 @@ def test_10_zero_stage_given_as_a_string_is_accepted():
 
 
 def test_10_out_of_range_ids_in_a_same_size_shard_are_named(lm_data, tmp_path):
-    from unified_lm.packing import PackedDataset
+    from unified_lm.data.packing import PackedDataset
 
     packed = tmp_path / "packed"
     shutil.copytree(lm_data.packed, packed)

@@ -155,8 +155,8 @@ def test_cpu_dispatch_runs_the_reference(monkeypatch):
 
 def test_model_loss_and_gradients_through_the_fused_path(monkeypatch):
     """The unified model's loss (mask, per-step denominator, z-loss) is the same through either path."""
-    from unified_lm.config import ModelConfig
-    from unified_lm.model import UnifiedTransformer
+    from unified_lm.model.config import ModelConfig
+    from unified_lm.model.transformer import UnifiedTransformer
 
     torch.manual_seed(91)
     config = ModelConfig(vocab_size=97, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16,

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from vqtok.checkpoint import load_tokenizer, resolve_checkpoint
+from runkit.checkpoints import resolve_checkpoint
+from vqtok.checkpoint import load_tokenizer
 from vqtok.config import load_config, preset
 from vqtok.data import StepBatchSampler, resolve_image_paths
 from vqtok.model import VQModel

@@ -7,16 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from unified_lm.config import preset
-from unified_lm.model import UnifiedTransformer
-from unified_lm.sampler import (
-    Prompt,
-    SampleEvent,
-    Sampler,
-    SamplerTrace,
-    split_segments,
-)
-from unified_lm.sampling import (
+from unified_lm.generate.sampler import SampleEvent, Sampler, SamplerTrace, split_segments
+from unified_lm.generate.sampling import (
     Guidance,
     SamplingConfig,
     apply_repetition_penalty,
@@ -24,6 +16,9 @@ from unified_lm.sampling import (
     filter_logits,
     guided_logits,
 )
+from unified_lm.generate.segments import Prompt
+from unified_lm.model.config import preset
+from unified_lm.model.transformer import UnifiedTransformer
 
 GRID = (4, 4)
 
@@ -267,9 +262,9 @@ def test_logit_filters_and_penalty():
 
 
 def test_sample_cli_writes_html_and_refuses_bad_input(lm_data, tiny_run, tmp_path, capsys):
-    from unified_lm.checkpoint import write_model_files
     from unified_lm.cli import main
-    from unified_lm.vocab import build_vocabulary
+    from unified_lm.model.checkpoint import write_model_files
+    from unified_lm.tokens.vocab import build_vocabulary
     from vqtok.checkpoint import read_checkpoint
 
     _, _, meta = read_checkpoint(tiny_run)
@@ -322,7 +317,7 @@ def main_error(main, capsys, *argv) -> str:
 
 
 def test_prompt_file_format(tmp_path):
-    from unified_lm.prompts import read_prompt_file
+    from unified_lm.generate.prompts import read_prompt_file
 
     (tmp_path / "p.jsonl").write_text('{"segments": [{"image": "a.png"}, {"text": "Question: why?"}], "seed": 3}\n\n'
                                       '{"text": "a red circle."}\n')

@@ -10,10 +10,10 @@ import pytest
 from conftest import TEST_TOKENIZER
 
 from unified_lm.cli import main as unified_lm
-from unified_lm.documents import Document, EncodedDocument, ImageSegment, encode_document, read_documents
-from unified_lm.packing import PackedDataset, batch_indices, pack_documents
-from unified_lm.prepare import PrepareSettings, prepare
-from unified_lm.vocab import SPECIAL_TOKENS, Vocabulary
+from unified_lm.data.packing import PackedDataset, batch_indices, pack_documents
+from unified_lm.data.prepare import PrepareSettings, prepare
+from unified_lm.tokens.documents import Document, EncodedDocument, ImageSegment, encode_document, read_documents
+from unified_lm.tokens.vocab import SPECIAL_TOKENS, Vocabulary
 from vqtok.token_store import ShardWriter, write_manifest
 
 
@@ -227,7 +227,7 @@ def test_cli_help_runs():
 
 
 def test_caption_dropout_is_deterministic_and_keeps_the_pictures(lm_data):
-    from unified_lm.prepare import drop_captions
+    from unified_lm.data.prepare import drop_captions
 
     documents = list(read_documents(lm_data.documents, split="train"))
     kept, dropped = drop_captions(documents, 0.5, seed=0)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention import attention_reference, document_causal_mask
-from unified_lm.config import UnifiedConfig, load_config, preset
-from unified_lm.model import HeadLayerNorm, UnifiedTransformer, positions_in_documents
+from unified_lm.model.config import UnifiedConfig, load_config, preset
+from unified_lm.model.transformer import HeadLayerNorm, UnifiedTransformer, positions_in_documents
 
 VOCAB = 97
 
@@ -97,7 +97,7 @@ def test_loss_denominator_weighs_every_target_token_equally():
 
 
 def test_rope_tables_are_exact_and_never_cast():
-    from unified_lm.model import rope_table
+    from unified_lm.model.transformer import rope_table
 
     model = tiny_model()
     cos, sin = model.rope(torch.device("cpu"))
@@ -207,7 +207,7 @@ def test_unknown_config_keys_and_types(tmp_path):
 def test_cached_decoding_equals_full_recomputation(norm_reordering):
     """A batch of left-padded prompts of different lengths, prefilled then decoded token by token through the KV
     cache, gives the logits of a full forward over each row's real tokens alone (fp32, 1e-5)."""
-    from unified_lm.model import KVCache
+    from unified_lm.model.transformer import KVCache
 
     model = tiny_model(norm_reordering=norm_reordering).eval()
     lengths, steps = [5, 9, 3], 6

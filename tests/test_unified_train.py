@@ -90,8 +90,8 @@ def test_one_process_with_accumulation_lowers_loss_and_resumes_exactly(lm_data, 
     # shareable weights: safetensors that load into a fresh model
     from safetensors.torch import load_file
 
-    from unified_lm.config import UnifiedConfig
-    from unified_lm.model import UnifiedTransformer
+    from unified_lm.model.config import UnifiedConfig
+    from unified_lm.model.transformer import UnifiedTransformer
 
     config = UnifiedConfig.from_dict(json.loads((run / "checkpoints/step_00000008/config.json").read_text()))
     model = UnifiedTransformer(config.model)
@@ -271,7 +271,7 @@ def test_exact_resume_under_every_zero_stage_from_either_state(lm_data, tmp_path
 
 
 def test_trusting_deepspeed_needs_files_only_you_can_write(tmp_path):
-    from unified_lm.resume import check_written_by_you
+    from unified_lm.train.resume import check_written_by_you
 
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x")
     (tmp_path / "mp_rank_00_model_states.pt").chmod(0o644)
@@ -297,8 +297,8 @@ def test_bad_arguments_exit_2(lm_data, tmp_path, extra, message):
 
 
 def test_bad_deepspeed_configs_are_refused(lm_data, tmp_path):
-    from unified_lm.config import preset
-    from unified_lm.train import resolve_deepspeed_config
+    from unified_lm.model.config import preset
+    from unified_lm.train.trainer import resolve_deepspeed_config
 
     config = preset("tiny")
     path = tmp_path / "ds.json"
@@ -319,8 +319,8 @@ def test_bad_deepspeed_configs_are_refused(lm_data, tmp_path):
 
 
 def test_learning_rate_schedules():
-    from unified_lm.config import preset
-    from unified_lm.train import learning_rate_factor
+    from unified_lm.model.config import preset
+    from unified_lm.train.trainer import learning_rate_factor
 
     config = preset("tiny").with_overrides({"train.steps": 100, "train.warmup_steps": 10, "train.min_lr_ratio": 0.1})
     factors = [learning_rate_factor(s, config) for s in range(100)]
@@ -332,7 +332,7 @@ def test_learning_rate_schedules():
 
 
 def test_resume_with_another_vocabulary_is_refused(lm_data, tmp_path):
-    from unified_lm.vocab import Vocabulary, train_text_model
+    from unified_lm.tokens.vocab import Vocabulary, train_text_model
 
     run = tmp_path / "run"
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
@@ -386,11 +386,11 @@ def test_caption_dropout_trains_the_unconditional_context(lm_data, tmp_path):
     held-out pictures' codes in exactly that context (2-way CFG's unconditional one) falls well below uniform.
     The pictures' codes are drawn from 8 of the 64 codes, so there is something to learn."""
     import numpy as np
-
-    from unified_lm.checkpoint import load_model
-    from unified_lm.prepare import PrepareSettings, prepare
-    from vqtok.token_store import ShardWriter, write_manifest
     from conftest import TEST_TOKENIZER
+
+    from unified_lm.data.prepare import PrepareSettings, prepare
+    from unified_lm.model.checkpoint import load_model
+    from vqtok.token_store import ShardWriter, write_manifest
 
     images = sorted((lm_data.world / "images").iterdir())
     store = tmp_path / "tokens"

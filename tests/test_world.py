@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unified_lm import world
-from unified_lm.world import (
+from unified_lm.world import corpus as world
+from unified_lm.world.corpus import (
     BACKGROUND_RGB,
     CELL_PHRASES,
     CELLS,

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from unified_lm import world
-from unified_lm.world import BACKGROUND_RGB, CELLS, Scene, WorldObject
-from unified_lm.world_check import (
+from unified_lm.world import corpus as world
+from unified_lm.world.check import (
     ATTRIBUTES,
     CellReading,
     PictureReading,
@@ -16,6 +15,7 @@ from unified_lm.world_check import (
     score_picture,
     shuffled_scores,
 )
+from unified_lm.world.corpus import BACKGROUND_RGB, CELLS, Scene, WorldObject
 
 SCENES = [world.sample_scene(np.random.default_rng(seed)) for seed in range(200)]
 

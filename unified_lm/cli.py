@@ -34,8 +34,8 @@ import sys
 
 
 def cmd_vocab(args) -> int:
-    from .text_corpus import read_texts
-    from .vocab import build_vocabulary
+    from unified_lm.tokens.text_corpus import read_texts
+    from unified_lm.tokens.vocab import build_vocabulary
 
     tokenizer = None
     codebook_size = args.codebook_size
@@ -52,7 +52,7 @@ def cmd_vocab(args) -> int:
         raise ValueError("give --tokenizer VQRUN (preferred: records which tokenizer the codes come from) or --codebook-size N")
     sources = [read_texts(path) for path in args.text or ["default"]]
     if args.world:
-        from .world import world_texts
+        from unified_lm.world.corpus import world_texts
 
         # world captions first and in full: the quickstart corpus's own words must become single pieces
         sources.insert(0, world_texts(args.world, split="train"))  # held-out texts stay unseen
@@ -64,7 +64,7 @@ def cmd_vocab(args) -> int:
 
 
 def cmd_world(args) -> int:
-    from .world import generate_world
+    from unified_lm.world.corpus import generate_world
 
     mix = None
     if args.mix:
@@ -83,11 +83,11 @@ def cmd_world(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .prepare import PrepareSettings, prepare
+    from unified_lm.data.prepare import PrepareSettings, prepare
 
     picture_size, placeholders = None, 0
     if args.encoder:  # the continuous path: pictures as pixels at the encoder's size, one placeholder per feature
-        from .vision import read_encoder_config, resolve_encoder
+        from unified_lm.vision.contrastive import read_encoder_config, resolve_encoder
 
         vision = read_encoder_config(resolve_encoder(args.encoder)).vision
         grid = vision.image_size // vision.patch_size
@@ -110,7 +110,7 @@ def cmd_prepare(args) -> int:
 
 def image_grid_of(loaded, requested: str | None) -> tuple[int, int] | None:
     """--image-grid, else the grid most of the checkpoint's training pictures had, else None."""
-    from .checkpoint import parse_grid
+    from unified_lm.model.checkpoint import parse_grid
 
     try:
         return parse_grid(requested) if requested else loaded.image_grid
@@ -119,7 +119,7 @@ def image_grid_of(loaded, requested: str | None) -> tuple[int, int] | None:
 
 
 def sampling_config(args):
-    from .sampling import SamplingConfig
+    from unified_lm.generate.sampling import SamplingConfig
 
     return SamplingConfig.from_dict({
         "mode": args.mode, "max_new_tokens": args.max_new_tokens, "max_images": args.max_images, "seed": args.seed,
@@ -135,10 +135,10 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from .checkpoint import load_model, tokenizer_path
-    from .prompts import build_prompts, read_prompt_file
-    from .render import write_documents
-    from .sampler import Sampler
+    from unified_lm.generate.prompts import build_prompts, read_prompt_file
+    from unified_lm.generate.render import write_documents
+    from unified_lm.generate.sampler import Sampler
+    from unified_lm.model.checkpoint import load_model, tokenizer_path
 
     config = sampling_config(args)
     if not args.prompt and not args.prompts:
@@ -206,12 +206,11 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
+    from unified_lm.eval.evaluate import EvalSettings, evaluate
+    from unified_lm.eval.report import write_report
+    from unified_lm.model.checkpoint import load_model
     from vqtok.checkpoint import load_tokenizer, read_checkpoint, untrained_tokenizer
     from vqtok.data import resolve_image_paths
-
-    from .checkpoint import load_model
-    from .evaluate import EvalSettings, evaluate
-    from .report import write_report
 
     settings = EvalSettings(count=args.count, stories=args.stories, text_documents=args.text_documents,
                             text_corpus=args.text_corpus, guidance=args.cfg, guidance_scale=args.cfg_scale,
@@ -248,10 +247,9 @@ def cmd_encoder_train(args) -> int:
     import time
     from pathlib import Path
 
-    from vqtok.typed_config import load_preset_or_file, parse_overrides
-
-    from .encoder_train import EncoderTrainer
-    from .vision import PRESETS, EncoderConfig
+    from runkit.typed_config import load_preset_or_file, parse_overrides
+    from unified_lm.train.encoder import EncoderTrainer
+    from unified_lm.vision.contrastive import PRESETS, EncoderConfig
 
     overrides = parse_overrides(args.set or [])
     if args.loss:
@@ -290,8 +288,8 @@ def cmd_encoder_train(args) -> int:
 
 
 def cmd_encoder_eval(args) -> int:
-    from .encoder_train import zero_shot
-    from .vision import encoder_vocabulary, load_encoder, resolve_encoder
+    from unified_lm.train.encoder import zero_shot
+    from unified_lm.vision.contrastive import encoder_vocabulary, load_encoder, resolve_encoder
 
     model, _ = load_encoder(args.encoder, args.device)
     result = zero_shot(model, encoder_vocabulary(args.encoder), args.world, args.split, args.device)
@@ -300,8 +298,8 @@ def cmd_encoder_eval(args) -> int:
 
 
 def cmd_understand(args) -> int:
-    from .evaluate import EvalSettings
-    from .understanding import evaluate_understanding
+    from unified_lm.eval.evaluate import EvalSettings
+    from unified_lm.eval.understanding import evaluate_understanding
 
     models = []
     for path in ("discrete", "continuous"):
@@ -329,7 +327,7 @@ def cmd_chameleon(args) -> int:
     """import-chameleon and export-chameleon (unified_lm.chameleon)."""
     import torch
 
-    from .chameleon import export_chameleon, import_chameleon
+    from unified_lm.interop.chameleon import export_chameleon, import_chameleon
 
     dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
     if args.command == "import-chameleon":

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from runkit.files import confined, load_tensors, read_json, tensor_shapes
+
 from .config import ModelConfig, QuantizerConfig, VQConfig
-from .files import confined, load_tensors, read_json, tensor_shapes
 
 HF_PREFIX = "model.vqmodel."
 CODEBOOK = "quantizer.vq._codebook."

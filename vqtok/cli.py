@@ -26,12 +26,13 @@ log = logging.getLogger("vqtok")
 
 
 def cmd_train(args) -> int:
+    from runkit.distributed import setup_distributed
+    from runkit.typed_config import parse_overrides
+
     from .config import load_config
     from .data import check_crop_fits, resolve_image_paths, resolve_sources
-    from .distributed import setup_distributed
     from .losses import build_lpips
     from .train import Trainer
-    from .typed_config import parse_overrides
 
     config = load_config(args.config)
     overrides = parse_overrides(args.set or [])
@@ -105,7 +106,7 @@ def cmd_eval(args) -> int:
                       lpips_weights=args.lpips_weights, labels=args.labels, resolution=args.resolution)
     text = json.dumps(result, indent=2)
     if args.json_out:
-        from .checkpoint import atomic_write_text
+        from runkit.files import atomic_write_text
 
         atomic_write_text(args.json_out, text + "\n")
     print(text)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from .distributed import teardown_distributed
+    from runkit.distributed import teardown_distributed
 
     try:
         return args.func(args)

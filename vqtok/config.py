@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from .typed_config import apply_overrides, build_dataclass, load_preset_or_file, out_of_bounds
+from runkit.typed_config import apply_overrides, build_dataclass, load_preset_or_file, out_of_bounds
 
 # Sizes a config may ask for, checked before anything is built from it: a crafted checkpoint's config.json fails
 # here, not in the allocator (Chameleon's tokenizer: 512 px, 5 levels, codebook 8192 x 256).

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runkit.distributed import DistributedContext, setup_distributed
+from runkit.files import confined
+
 from .checkpoint import load_tokenizer
 from .config import BOUNDS
-from .distributed import DistributedContext, setup_distributed
-from .files import confined
 from .images import BadImageError, atomic_save_png, list_images, load_rgb, preprocess, to_tensor, to_uint8
 from .token_store import ShardWriter, TokenStore, encoded_sources, write_failures, write_manifest
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from runkit.files import read_jsonl
+
 from .checkpoint import load_tokenizer
-from .files import read_jsonl
 from .data import load_eval_images, resolve_image_paths
 from .losses import build_lpips, find_lpips_trunk
 from .metrics import agreement, code_statistics, conditional_entropy, psnr, ssim, token_labels

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write_text, confined, read_json
+from runkit.files import atomic_write_text, confined, read_json
 
 FORMAT = "vqtok-tokens/1"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens = 256 MB of uint16 per shard

@@ -20,21 +20,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from runkit.checkpoints import choose_checkpoint, flatten_optimizer, load_weights, restore_optimizer
+from runkit.distributed import DistributedContext
+from runkit.files import atomic_write_text, load_tensors, read_json
+
 from . import losses
-from .checkpoint import (
-    RESUME_FILES,
-    atomic_write_text,
-    choose_checkpoint,
-    flatten_optimizer,
-    load_weights,
-    restore_optimizer,
-    save_checkpoint,
-    untrained_tokenizer,
-)
+from .checkpoint import RESUME_FILES, save_checkpoint, untrained_tokenizer
 from .config import VQConfig
 from .data import CropDataset, ImageSource, StepBatchSampler, load_eval_images
-from .distributed import DistributedContext
-from .files import load_tensors, read_json
 from .images import save_grid
 from .metrics import RollingCodeUsage, psnr
 

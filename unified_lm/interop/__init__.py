@@ -1,0 +1,1 @@
+"""Interop with the field's checkpoints: transformers' Chameleon / Anole in and out, Meta's VQGAN."""
