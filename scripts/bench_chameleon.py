@@ -3,7 +3,7 @@
     python scripts/bench_chameleon.py --out runs/bench_chameleon            # CPU, ~3 minutes
     python scripts/bench_chameleon.py --out runs/bench_chameleon --small    # seconds (the test runs this)
 
-One random ChameleonForConditionalGeneration (transformers' format, built offline by tests/chameleon_fixtures.py:
+One random ChameleonForConditionalGeneration (transformers' format, built offline by unified_lm/interop/random_checkpoint.py:
 Chameleon's vocabulary layout with an 8,192-code image table, QK-norm) is imported with
 `unified_lm.chameleon.import_chameleon`; both models then run in fp32 on the same ids, in one process:
 1. forward: logits of a batch of mixed text+image rows (tokens/s; transformers' full forward with its eager
@@ -29,7 +29,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -62,12 +61,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from chameleon_fixtures import build_hf_checkpoint
-
     from unified_lm.generate.sampler import Sampler
     from unified_lm.generate.sampling import ModalitySampling, SamplingConfig
     from unified_lm.generate.segments import Prompt
     from unified_lm.interop.chameleon import import_chameleon
+    from unified_lm.interop.random_checkpoint import build_hf_checkpoint
     from unified_lm.model.checkpoint import load_model
 
     if args.small:

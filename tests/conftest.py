@@ -1,8 +1,10 @@
 """Shared fixtures: a folder of small real-format images and a briefly trained `tiny` tokenizer."""
 from __future__ import annotations
 
+import io
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,10 +19,7 @@ from PIL import Image
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from runkit.distributed import free_port  # noqa: F401  (re-exported for the tests)
-
 os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="vqtok-test-torch-home-")  # never read a user's hub cache
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_photo(rng: np.random.Generator, size: int = 48) -> np.ndarray:
@@ -60,10 +59,6 @@ def tiny_run(tmp_path_factory, image_folder) -> Path:
     return run
 
 
-def python() -> str:
-    return sys.executable
-
-
 @pytest.fixture(autouse=True)
 def _quiet_logs():
     logging.getLogger("vqtok").setLevel(logging.WARNING)
@@ -71,6 +66,12 @@ def _quiet_logs():
 
 
 TEST_TOKENIZER = {"name": "test-random-codes", "codebook_size": 64, "weights_sha256": "0" * 64}
+
+
+@pytest.fixture(scope="session")
+def random_codes_tokenizer() -> dict:
+    """The identity of a tokenizer that never existed: token stores of random codes are written under it."""
+    return dict(TEST_TOKENIZER)
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +121,70 @@ def lm_run(tmp_path_factory, lm_data, tiny_run):
                       vocab, {"step": 1, "image_grids": {"16x16": 1}})
     (root / "run" / "latest").write_text("step_00000001\n")
     return root / "run", root / "vocab"
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "scripts" / "train_unified.py"
+TRAIN_COMMON = ["--model", "tiny", "--set", "train.log_every=1", "--set", "train.lr=3e-3", "--set", "train.warmup_steps=2"]
+
+
+def _train_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _train_unified(data: Path, out: Path, *extra: str, processes: int = 1, check: bool = True):
+    from runkit.distributed import free_port
+
+    args = ["--data", str(data), "--out", str(out), *TRAIN_COMMON, *extra]
+    if processes == 1:
+        command = [sys.executable, str(TRAIN_SCRIPT), *args]
+    else:
+        launcher = str(Path(sys.executable).with_name("deepspeed"))
+        command = [launcher, "--num_gpus", str(processes), "--master_port", str(free_port()), str(TRAIN_SCRIPT), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=_train_env(), timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def train_unified():
+    """`train_unified(data, out, *extra, processes=1, check=True)`: `scripts/train_unified.py` on a packed dataset
+    (the tiny model, logging every step), one process or `processes` through the deepspeed launcher; returns the
+    CompletedProcess and raises with the output's tail when it fails and `check` is set."""
+    return _train_unified
+
+
+def _make_bad_image_files(tmp_path: Path) -> dict[str, tuple[os.PathLike, str]]:
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good, "JPEG")
+    data = good.getvalue()
+    files = {}
+    (tmp_path / "zero.png").write_bytes(b"")
+    files["zero"] = (tmp_path / "zero.png", "zero-byte")
+    (tmp_path / "text.jpg").write_text("this is not an image at all\n")
+    files["not_image"] = (tmp_path / "text.jpg", "not an image")
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    files["truncated"] = (tmp_path / "trunc.jpg", "truncated")
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
+    broken_png = bytearray(png.getvalue())
+    middle = len(broken_png) // 2
+    broken_png[middle : middle + 64] = bytes(64)  # inside the IDAT stream: header fine, pixels not
+    (tmp_path / "corrupt.png").write_bytes(bytes(broken_png))
+    files["corrupt"] = (tmp_path / "corrupt.png", "corrupt")
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # ~50 KB file, 400 Mpixel
+    files["bomb"] = (bomb, "decompression bomb")
+    os.symlink(tmp_path / "does-not-exist.png", tmp_path / "dangling.png")
+    files["unreadable"] = (tmp_path / "dangling.png", "unreadable")
+    return files
+
+
+@pytest.fixture(scope="session")
+def bad_image_files():
+    """`bad_image_files(directory)` writes one file of each kind a decoder must refuse (zero bytes, not an image,
+    truncated, corrupt pixels, a decompression bomb, a dangling link) and returns {kind: (path, reason the error
+    names)}."""
+    return _make_bad_image_files

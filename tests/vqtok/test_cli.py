@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import python
 from PIL import Image
-from test_images import _bad_files
 
 from vqtok.cli import main
 from vqtok.token_store import TokenStore
@@ -22,7 +21,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_console_script_help():
-    result = subprocess.run([python(), "-m", "vqtok.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "vqtok.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for command in ("train", "encode", "decode", "eval"):
         assert command in result.stdout
@@ -50,11 +49,12 @@ def test_bad_arguments_exit_2_with_named_field(tmp_path, capsys):
     assert code == 2 and "missing" in err
 
 
-def test_encode_decode_round_trip_with_bad_files_and_resume(tmp_path, tiny_run, image_folder, capsys):
+def test_encode_decode_round_trip_with_bad_files_and_resume(tmp_path, tiny_run, image_folder, capsys,
+                                                            bad_image_files):
     images = tmp_path / "images"
     shutil.copytree(image_folder, images, symlinks=True)
     (images / "bad").mkdir()
-    bad = _bad_files(images / "bad")
+    bad = bad_image_files(images / "bad")
     tokens = tmp_path / "tokens"
 
     code, out, err = run_cli(capsys, "encode", images, "--ckpt", tiny_run, "--out", tokens, "--batch-size", 5, "--quiet")

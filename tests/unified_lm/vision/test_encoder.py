@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_TOKENIZER
 
 from unified_lm import cli
 from unified_lm.tokens.vocab import Vocabulary, build_vocabulary
@@ -32,11 +31,11 @@ STEPS = 24  # the tiny training run: long enough for the loss to fall, short eno
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, random_codes_tokenizer):
     """A 32 px world with enough held-out one-object pictures for zero-shot, and its vocabulary."""
     root = tmp_path_factory.mktemp("encoder")
     world = generate_world(root / "world", num_scenes=300, seed=1, image_size=32, heldout_fraction=0.3).out_dir
-    vocab = build_vocabulary(root / "vocab", world_texts(world, split="train"), 400, 64, TEST_TOKENIZER)
+    vocab = build_vocabulary(root / "vocab", world_texts(world, split="train"), 400, 64, random_codes_tokenizer)
     return root, world, root / "vocab", vocab
 
 
@@ -237,7 +236,7 @@ def test_zero_shot_reports_accuracies_and_chance(run, data):
 
 # -- bad inputs ---------------------------------------------------------------------------------------------------
 
-def test_bad_inputs_give_clear_errors(run, data, tmp_path):
+def test_bad_inputs_give_clear_errors(run, data, tmp_path, random_codes_tokenizer):
     out, _ = run
     root, world, vocab_dir, vocab = data
     with pytest.raises(FileNotFoundError, match="no-such-world.*world.json"):
@@ -246,7 +245,7 @@ def test_bad_inputs_give_clear_errors(run, data, tmp_path):
         tiny_config(**{"vision.widht": 8})
     with pytest.raises(ValueError, match="vision.pool"):
         tiny_config(**{"vision.pool": "max"}).validate()
-    other = build_vocabulary(tmp_path / "other_vocab", world_texts(world, split="train"), 350, 64, TEST_TOKENIZER)
+    other = build_vocabulary(tmp_path / "other_vocab", world_texts(world, split="train"), 350, 64, random_codes_tokenizer)
     resumed = tmp_path / "other"
     shutil.copytree(out, resumed)
     with pytest.raises(ValueError, match="vocabulary"):

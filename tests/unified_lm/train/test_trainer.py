@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port
 
-TRAIN = str(REPO / "scripts" / "train_unified.py")
+REPO = Path(__file__).resolve().parents[3]
+
 ZERO = {stage: str(REPO / "configs" / "deepspeed" / f"zero{stage}.json") for stage in (1, 2, 3)}
-COMMON = ["--model", "tiny", "--set", "train.log_every=1", "--set", "train.lr=3e-3", "--set", "train.warmup_steps=2"]
 
 
 @pytest.fixture(autouse=True)
@@ -31,19 +30,6 @@ def no_shm_leftovers():
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-def train(data: Path, out: Path, *extra: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    args = ["--data", str(data), "--out", str(out), *COMMON, *extra]
-    if processes == 1:
-        command = [sys.executable, TRAIN, *args]
-    else:
-        launcher = str(Path(sys.executable).with_name("deepspeed"))
-        command = [launcher, "--num_gpus", str(processes), "--master_port", str(free_port()), TRAIN, *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
 
 
 def log(out: Path) -> list[dict]:
@@ -71,10 +57,10 @@ def craft_pickle(path: Path, marker: Path) -> None:
 
 
 @pytest.mark.slow
-def test_one_process_with_accumulation_lowers_loss_and_resumes_exactly(lm_data, tmp_path):
+def test_one_process_with_accumulation_lowers_loss_and_resumes_exactly(lm_data, tmp_path, train_unified):
     run = tmp_path / "run"
     accumulate = ["--set", "train.grad_accum_steps=2", "--set", "train.micro_batch_size=2"]
-    result = train(lm_data.packed, run, "--steps", "8", "--set", "train.checkpoint_every=4",
+    result = train_unified(lm_data.packed, run, "--steps", "8", "--set", "train.checkpoint_every=4",
                    "--deepspeed_config", ZERO[2], *accumulate)
     assert "ZeRO stage 2" in result.stdout and "world size 1" in result.stdout and "256 tokens/step" in result.stdout
     records = log(run)
@@ -97,7 +83,7 @@ def test_one_process_with_accumulation_lowers_loss_and_resumes_exactly(lm_data, 
     model = UnifiedTransformer(config.model)
     model.load_state_dict(load_file(run / "checkpoints/step_00000008/model.safetensors"))
     # an existing run is not silently overwritten
-    refused = train(lm_data.packed, run, "--steps", "8", check=False)
+    refused = train_unified(lm_data.packed, run, "--steps", "8", check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     # resume from step 4: steps 5..8 repeat the uninterrupted run's losses exactly. The copy's latest names a
     # missing checkpoint and step 8's resume state is truncated, so resume falls back to step 4 (and says so);
@@ -108,7 +94,7 @@ def test_one_process_with_accumulation_lowers_loss_and_resumes_exactly(lm_data, 
     state.write_bytes(state.read_bytes()[:100])
     marker = tmp_path / "PWNED"
     craft_pickle(resumed / "checkpoints/step_00000004/mp_rank_00_model_states.pt", marker)
-    result = train(lm_data.packed, resumed, "--steps", "8", "--resume", "--set", "train.checkpoint_every=4",
+    result = train_unified(lm_data.packed, resumed, "--steps", "8", "--resume", "--set", "train.checkpoint_every=4",
                    "--deepspeed_config", ZERO[2], *accumulate)
     assert "latest names step_00000009, which cannot be used: step_00000009 does not exist" in result.stdout
     assert "using step_00000004, the newest complete checkpoint" in result.stdout
@@ -122,22 +108,22 @@ def test_one_process_with_accumulation_lowers_loss_and_resumes_exactly(lm_data, 
     # the same from DeepSpeed's own (pickled) checkpoint, when asked for: exact too
     trusted = tmp_path / "trusted"
     resume_from(run, trusted, 4)
-    result = train(lm_data.packed, trusted, "--steps", "8", "--resume-trust-deepspeed", "--set",
+    result = train_unified(lm_data.packed, trusted, "--steps", "8", "--resume-trust-deepspeed", "--set",
                    "train.checkpoint_every=4", "--deepspeed_config", ZERO[2], *accumulate)
     assert "at step 4" in result.stdout and "(DeepSpeed's checkpoint)" in result.stdout
     for a, b in zip(records[4:], log(trusted)[4:]):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
     # a resume that would change the data order is refused, not silently misaligned
-    changed = train(lm_data.packed, resumed, "--steps", "12", "--resume", "--deepspeed_config", ZERO[2],
+    changed = train_unified(lm_data.packed, resumed, "--steps", "12", "--resume", "--deepspeed_config", ZERO[2],
                     "--set", "train.micro_batch_size=3", check=False)
     assert changed.returncode == 2 and "data order would differ" in changed.stderr, changed.stderr[-2000:]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_processes_deepspeed_launcher(lm_data, tmp_path, stage):
+def test_two_processes_deepspeed_launcher(lm_data, tmp_path, stage, train_unified):
     run = tmp_path / f"zero{stage}"
-    result = train(lm_data.packed, run, "--steps", "8", "--set", "train.checkpoint_every=4",
+    result = train_unified(lm_data.packed, run, "--steps", "8", "--set", "train.checkpoint_every=4",
                    "--deepspeed_config", ZERO[stage], processes=2)
     assert f"ZeRO stage {stage}" in result.stdout and "world size 2" in result.stdout
     records = log(run)
@@ -150,7 +136,7 @@ def test_two_processes_deepspeed_launcher(lm_data, tmp_path, stage):
     if stage == 3:  # resume under ZeRO-3 with partitioned optimizer state, from each rank's own resume state
         resumed = tmp_path / "resumed"
         resume_from(run, resumed, 4)
-        train(lm_data.packed, resumed, "--steps", "8", "--resume", "--set", "train.checkpoint_every=4",
+        train_unified(lm_data.packed, resumed, "--steps", "8", "--resume", "--set", "train.checkpoint_every=4",
               "--deepspeed_config", ZERO[stage], processes=2)
         assert sorted(p.name for p in (resumed / "checkpoints/step_00000008/resume").iterdir()) == [
             "rank00000.json", "rank00000.safetensors", "rank00001.json", "rank00001.safetensors"]
@@ -159,12 +145,12 @@ def test_two_processes_deepspeed_launcher(lm_data, tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_bf16_weights_train(lm_data, tmp_path):
+def test_bf16_weights_train(lm_data, tmp_path, train_unified):
     """The GPU precision path (DeepSpeed bf16: bf16 weights and activations, fp32 master weights) forced on CPU."""
     config = tmp_path / "bf16.json"
     config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     run = tmp_path / "run"
-    train(lm_data.packed, run, "--steps", "6", "--deepspeed_config", str(config))
+    train_unified(lm_data.packed, run, "--steps", "6", "--deepspeed_config", str(config))
     records = log(run)
     assert all(r["loss"] == r["loss"] and r["grad_norm"] is not None for r in records)
     start, end = first_and_last(records, 2)
@@ -291,8 +277,8 @@ def test_trusting_deepspeed_needs_files_only_you_can_write(tmp_path):
     (["--set", "model.nonsense=1"], "unknown config field 'model.nonsense'"),
     (["--model", "huge"], "neither a preset"),
 ])
-def test_bad_arguments_exit_2(lm_data, tmp_path, extra, message):
-    result = train(lm_data.packed, tmp_path / "run", *extra, check=False)
+def test_bad_arguments_exit_2(lm_data, tmp_path, extra, message, train_unified):
+    result = train_unified(lm_data.packed, tmp_path / "run", *extra, check=False)
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
@@ -331,14 +317,14 @@ def test_learning_rate_schedules():
     assert learning_rate_factor(54, config) == pytest.approx(0.1**0.5, rel=0.05)  # exponential: geometric midpoint
 
 
-def test_resume_with_another_vocabulary_is_refused(lm_data, tmp_path):
+def test_resume_with_another_vocabulary_is_refused(lm_data, tmp_path, train_unified):
     from unified_lm.tokens.vocab import Vocabulary, train_text_model
 
     run = tmp_path / "run"
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
     other = Vocabulary(train_text_model((" ".join(words[i:] + words[:i]) for i in range(200)), 300), 64)
     other.save(run / "vocab")
-    result = train(lm_data.packed, run, "--resume", check=False)
+    result = train_unified(lm_data.packed, run, "--resume", check=False)
     assert result.returncode == 2 and "the ids would mean different tokens" in result.stderr, result.stderr
 
 
@@ -381,12 +367,11 @@ def test_zero3_partitioned_build_matches_the_plain_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_caption_dropout_trains_the_unconditional_context(lm_data, tmp_path):
+def test_caption_dropout_trains_the_unconditional_context(lm_data, tmp_path, random_codes_tokenizer, train_unified):
     """With caption dropout, pictures are also targets after [<bos>, <boi>] alone: after a short run the loss of
     held-out pictures' codes in exactly that context (2-way CFG's unconditional one) falls well below uniform.
     The pictures' codes are drawn from 8 of the 64 codes, so there is something to learn."""
     import numpy as np
-    from conftest import TEST_TOKENIZER
 
     from unified_lm.data.prepare import PrepareSettings, prepare
     from unified_lm.model.checkpoint import load_model
@@ -394,7 +379,7 @@ def test_caption_dropout_trains_the_unconditional_context(lm_data, tmp_path):
 
     images = sorted((lm_data.world / "images").iterdir())
     store = tmp_path / "tokens"
-    writer = ShardWriter(store, TEST_TOKENIZER, 64)
+    writer = ShardWriter(store, random_codes_tokenizer, 64)
     codes = np.random.default_rng(0).integers(0, 8, size=(len(images), 4, 4))
     writer.append([p.name for p in images], codes)
     writer.close()
@@ -405,7 +390,7 @@ def test_caption_dropout_trains_the_unconditional_context(lm_data, tmp_path):
                                    kinds=("text_to_image", "story")), stores=[str(store)])
     assert info["captions_dropped"] > 0
     run = tmp_path / "run"
-    train(packed, run, "--steps", "30", "--set", "train.checkpoint_every=30", "--set", "train.lr=1e-2")
+    train_unified(packed, run, "--steps", "30", "--set", "train.checkpoint_every=30", "--set", "train.lr=1e-2")
     loaded = load_model(run, "cpu")
     vocab, special = loaded.vocab, loaded.vocab.special
     held = [vocab.image_ids(c) for c in codes[-10:]]  # <boi> codes <eoi>

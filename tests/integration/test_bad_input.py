@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 from unified_lm.cli import main as lm_main
 from vqtok.cli import main as vqtok_main

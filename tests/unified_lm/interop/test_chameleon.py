@@ -15,10 +15,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from chameleon_fixtures import build_hf_checkpoint, tiny_vq_config  # noqa: E402
-from transformers import ChameleonForConditionalGeneration, ChameleonVQVAE, ChameleonVQVAEConfig  # noqa: E402
-
 from unified_lm.cli import main as unified_main  # noqa: E402
+
+# before transformers: random_checkpoint puts the torchvision import shim in place (vqtok.compat)
+from unified_lm.interop.random_checkpoint import build_hf_checkpoint, tiny_vq_config  # noqa: E402  # isort: skip
+from transformers import ChameleonForConditionalGeneration, ChameleonVQVAE, ChameleonVQVAEConfig  # noqa: E402  # isort: skip
 from unified_lm.interop.chameleon import code_of_name, export_chameleon, image_token_name, import_chameleon  # noqa: E402
 from unified_lm.model.checkpoint import load_model  # noqa: E402
 from vqtok import chameleon as vq_chameleon  # noqa: E402
@@ -338,11 +339,10 @@ def test_sampler_draws_with_the_checkpoints_image_ids(converted, tmp_path):
         assert set(ids[1:-1].tolist()) <= set(vocab.image_token_ids.tolist())
 
 
-def test_imported_checkpoint_fine_tunes(converted, lm_data, tmp_path):
+def test_imported_checkpoint_fine_tunes(converted, lm_data, tmp_path, train_unified):
     """The fine-tuning path: pack world documents with the imported vocabulary and tokenizer, then train a few
     DeepSpeed steps starting from the imported weights."""
     from safetensors.torch import load_file
-    from test_unified_train import train
 
     from unified_lm.data.prepare import PrepareSettings, prepare
     from unified_lm.model.checkpoint import resolve_run
@@ -352,7 +352,7 @@ def test_imported_checkpoint_fine_tunes(converted, lm_data, tmp_path):
     prepare([str(lm_data.documents)], str(ours / "vocab"), str(packed), PrepareSettings(seq_len=128, split="train"),
             tokenizer=str(ours / "tokenizer"))
     run = tmp_path / "run"
-    train(packed, run, "--model", str(ours / "config.json"), "--set", f"train.init_from={ours}",
+    train_unified(packed, run, "--model", str(ours / "config.json"), "--set", f"train.init_from={ours}",
           "--set", "train.seq_len=128", "--set", "train.steps=3", "--set", "train.micro_batch_size=2",
           "--set", "train.lr=1e-3")
     before, after = load_file(ours / "model.safetensors"), load_file(resolve_run(run) / "model.safetensors")
@@ -425,7 +425,7 @@ def test_benchmark_script_runs_small(tmp_path):
 
     out = tmp_path / "bench"
     subprocess.run([sys.executable, "scripts/bench_chameleon.py", "--small", "--out", str(out), "--threads", "1"],
-                   check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True, timeout=300)
+                   check=True, cwd=Path(__file__).resolve().parents[3], capture_output=True, timeout=300)
     results = json.loads((out / "results.json").read_text())
     ours = [row for row in results["rows"] if row["impl"] == "ours"]
     assert ours[0]["what"] == "forward" and ours[0]["max_abs_logit_diff_vs_transformers"] <= TOLERANCE

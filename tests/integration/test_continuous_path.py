@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_unified_train import train
 
 from unified_lm.data.packing import PackedDataset
 from unified_lm.data.prepare import PrepareSettings, prepare
@@ -181,11 +180,11 @@ LONGER = ["--set", "train.steps=16", "--set", "train.checkpoint_every=16", "--se
 
 @pytest.mark.slow
 def test_stage1_trains_only_the_adapter_and_stage2_lowers_the_loss(lm_data, continuous_data, encoder_run,
-                                                                   tmp_path):
+                                                                   tmp_path, train_unified):
     base = tmp_path / "base"  # a language model trained briefly on the discrete data: the stages start from it
-    train(lm_data.packed, base, *STAGE)
+    train_unified(lm_data.packed, base, *STAGE)
     stage1 = tmp_path / "stage1"
-    result = train(continuous_data[0], stage1, *LONGER, "--set", f"train.init_from={base}", "--set",
+    result = train_unified(continuous_data[0], stage1, *LONGER, "--set", f"train.init_from={base}", "--set",
                    f"train.encoder_run={encoder_run}", "--set", "train.freeze_lm=true")
     assert "trainable" in result.stdout
     before, after = weights(base), weights(stage1)
@@ -207,7 +206,7 @@ def test_stage1_trains_only_the_adapter_and_stage2_lowers_the_loss(lm_data, cont
     assert meta["trainable_parameters"] == sum(after[n].numel() for n in changed)
 
     stage2 = tmp_path / "stage2"
-    train(continuous_data[0], stage2, *LONGER, "--set", f"train.init_from={stage1}")
+    train_unified(continuous_data[0], stage2, *LONGER, "--set", f"train.init_from={stage1}")
     stage2_weights = weights(stage2)
     query = "layers.0.attention.q_proj.weight"
     assert not torch.equal(stage2_weights[query], after[query])  # the language model trains in stage 2
@@ -218,10 +217,10 @@ def test_stage1_trains_only_the_adapter_and_stage2_lowers_the_loss(lm_data, cont
 
 
 @pytest.mark.slow
-def test_placeholder_mismatch_and_missing_encoder_are_clear_errors(lm_data, continuous_data, encoder_run, tmp_path):
-    result = train(continuous_data[0], tmp_path / "none", *STAGE, check=False)
+def test_placeholder_mismatch_and_missing_encoder_are_clear_errors(lm_data, continuous_data, encoder_run, tmp_path, train_unified):
+    result = train_unified(continuous_data[0], tmp_path / "none", *STAGE, check=False)
     assert result.returncode == 2 and "holds continuous pictures" in result.stderr, result.stderr[-2000:]
-    result = train(continuous_data[0], tmp_path / "pooled", *STAGE, "--set", f"train.encoder_run={encoder_run}",
+    result = train_unified(continuous_data[0], tmp_path / "pooled", *STAGE, "--set", f"train.encoder_run={encoder_run}",
                    "--set", "model.picture.pool=2", check=False)
     assert result.returncode == 2 and "16 <image> placeholders per picture" in result.stderr, result.stderr[-2000:]
 

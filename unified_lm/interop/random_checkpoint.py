@@ -1,5 +1,6 @@
-"""Tiny random Chameleon checkpoints in transformers' format, built offline (shared by the interop tests and
-scripts/bench_chameleon.py). transformers is a test-time peer: importing this module needs it."""
+"""Tiny random Chameleon checkpoints in transformers' format, built offline: what the interop tests check our
+model against, and what scripts/bench_chameleon.py times. transformers is a test-time peer (the `test` and
+`chameleon` extras): importing this module needs it."""
 from __future__ import annotations
 
 import os

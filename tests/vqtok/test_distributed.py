@@ -4,9 +4,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, python
+
+from runkit.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 from vqtok.token_store import TokenStore
 
@@ -14,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def torchrun(*argv, timeout=300):
-    command = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), "-m", "vqtok.cli", *map(str, argv)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)

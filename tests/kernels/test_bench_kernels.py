@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
-from conftest import REPO, python
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_kernels_small_runs_every_section_and_agrees(tmp_path):
-    subprocess.run([python(), str(REPO / "scripts/bench_kernels.py"), "--small", "--out", str(tmp_path)],
+    subprocess.run([sys.executable, str(REPO / "scripts/bench_kernels.py"), "--small", "--out", str(tmp_path)],
                    check=True, cwd=REPO, capture_output=True, text=True, timeout=600)
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert (tmp_path / "results.md").read_text().count("### ") == 4

@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 from unified_lm.cli import main as lm_main
 from vqtok.cli import main as vqtok_main

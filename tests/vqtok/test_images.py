@@ -1,9 +1,6 @@
 """Image decoding: every PIL mode to RGB, alpha on white, EXIF orientation, and every bad-file kind named."""
 from __future__ import annotations
 
-import io
-import os
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -64,34 +61,8 @@ def test_exif_orientation_applied(tmp_path):
     assert load_rgb(path).shape == (40, 20, 3)
 
 
-def _bad_files(tmp_path) -> dict[str, tuple[os.PathLike, str]]:
-    good = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good, "JPEG")
-    data = good.getvalue()
-    files = {}
-    (tmp_path / "zero.png").write_bytes(b"")
-    files["zero"] = (tmp_path / "zero.png", "zero-byte")
-    (tmp_path / "text.jpg").write_text("this is not an image at all\n")
-    files["not_image"] = (tmp_path / "text.jpg", "not an image")
-    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
-    files["truncated"] = (tmp_path / "trunc.jpg", "truncated")
-    png = io.BytesIO()
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
-    broken_png = bytearray(png.getvalue())
-    middle = len(broken_png) // 2
-    broken_png[middle : middle + 64] = bytes(64)  # inside the IDAT stream: header fine, pixels not
-    (tmp_path / "corrupt.png").write_bytes(bytes(broken_png))
-    files["corrupt"] = (tmp_path / "corrupt.png", "corrupt")
-    bomb = tmp_path / "bomb.png"
-    Image.new("1", (20000, 20000)).save(bomb)  # ~50 KB file, 400 Mpixel
-    files["bomb"] = (bomb, "decompression bomb")
-    os.symlink(tmp_path / "does-not-exist.png", tmp_path / "dangling.png")
-    files["unreadable"] = (tmp_path / "dangling.png", "unreadable")
-    return files
-
-
-def test_every_bad_file_kind_is_named(tmp_path):
-    for kind, (path, expected) in _bad_files(tmp_path).items():
+def test_every_bad_file_kind_is_named(tmp_path, bad_image_files):
+    for kind, (path, expected) in bad_image_files(tmp_path).items():
         with pytest.raises(BadImageError) as info:
             load_rgb(path, max_pixels=50_000_000)
         assert expected in info.value.reason, (kind, info.value.reason)

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TEST_TOKENIZER
 
 from unified_lm.cli import main as unified_lm
 from unified_lm.data.packing import PackedDataset, batch_indices, pack_documents
@@ -37,12 +36,12 @@ def test_vocabulary_layout_and_round_trip(lm_data):
     assert info["image_offset"] == 406 and info["special"]["<eoi>"] == 404
 
 
-def test_mismatched_codebook_is_refused(lm_data, tmp_path):
+def test_mismatched_codebook_is_refused(lm_data, tmp_path, random_codes_tokenizer):
     vocab = Vocabulary.load(lm_data.vocab_dir)
     with pytest.raises(ValueError, match="codebook_size 128, but the vocabulary was built for 64"):
         vocab.check_tokenizer({"codebook_size": 128}, "tokenizer X")
     with pytest.raises(ValueError, match="different tokenizers mean different pictures"):
-        vocab.check_tokenizer({**TEST_TOKENIZER, "weights_sha256": "1" * 64}, "tokenizer Y")
+        vocab.check_tokenizer({**random_codes_tokenizer, "weights_sha256": "1" * 64}, "tokenizer Y")
     # a token store from a 128-code tokenizer cannot feed this vocabulary
     store = tmp_path / "store128"
     ShardWriter(store, {"name": "other", "codebook_size": 128}, 128).close()
