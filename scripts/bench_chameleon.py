@@ -5,7 +5,7 @@
 
 One random ChameleonForConditionalGeneration (transformers' format, built offline by unified_lm/interop/random_checkpoint.py:
 Chameleon's vocabulary layout with an 8,192-code image table, QK-norm) is imported with
-`unified_lm.chameleon.import_chameleon`; both models then run in fp32 on the same ids, in one process:
+`unified_lm.interop.chameleon.import_chameleon`; both models then run in fp32 on the same ids, in one process:
 1. forward: logits of a batch of mixed text+image rows (tokens/s; transformers' full forward with its eager
    and SDPA attention), and the largest logit difference (transformers masks image logits, so its lm_head on
    the final hidden states is compared);

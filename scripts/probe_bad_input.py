@@ -108,7 +108,7 @@ class Probes:
         docs.write_text(json.dumps({"segments": [{"text": "x"}, {"image_ref": {"store": str(w / "tokens"),
                                                                                 "source": "no-such.png"}}]}) + "\n")
         result = self.lm("prepare", docs, "--vocab", w / "vocab", "--out", out)
-        check = self.run("-c", f"from unified_lm.packing import PackedDataset; print(len(PackedDataset({str(out)!r})))")
+        check = self.run("-c", f"from unified_lm.data.packing import PackedDataset; print(len(PackedDataset({str(out)!r})))")
         result["after"] = (f"old dataset loads: {check['exit'] == 0}; "
                            f"leftovers: {sorted(p.name for p in out.iterdir() if 'building' in p.name) or 'none'}")
         return result

@@ -324,7 +324,7 @@ def cmd_understand(args) -> int:
 
 
 def cmd_chameleon(args) -> int:
-    """import-chameleon and export-chameleon (unified_lm.chameleon)."""
+    """import-chameleon and export-chameleon (unified_lm.interop.chameleon)."""
     import torch
 
     from unified_lm.interop.chameleon import export_chameleon, import_chameleon
@@ -345,7 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (add_vocab_command, add_world_command, add_prepare_command, add_sample_command,
+                        add_eval_command, add_encoder_command, add_understand_command, add_chameleon_command):
+        add_command(commands)
+    return parser
 
+
+def add_vocab_command(commands) -> None:
+    """`vocab`: the sentencepiece text model and the joint vocabulary's layout."""
     vocab = commands.add_parser("vocab", help="train (or load) the sentencepiece text model and lay out the joint vocabulary")
     vocab.add_argument("--tokenizer", help="vqtok run or checkpoint whose codes the vocabulary will hold")
     vocab.add_argument("--codebook-size", type=int, help="image codes without a tokenizer checkpoint")
@@ -357,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--out", required=True)
     vocab.set_defaults(run=cmd_vocab)
 
+
+def add_world_command(commands) -> None:
+    """`world`: the procedural captioned world corpus."""
     world = commands.add_parser("world", help="generate the procedural captioned world corpus")
     world.add_argument("--out", required=True)
     world.add_argument("--scenes", type=int, default=2000)
@@ -368,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--force", action="store_true", help="regenerate even if OUT holds a different world")
     world.set_defaults(run=cmd_world)
 
+
+def add_prepare_command(commands) -> None:
+    """`prepare`: documents -> packed training rows."""
     prepare = commands.add_parser("prepare", help="pack interleaved documents into training rows")
     prepare.add_argument("documents", nargs="+", help="documents JSONL file(s)")
     prepare.add_argument("--vocab", required=True, help="vocabulary directory (from `unified-lm vocab`)")
@@ -395,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "patch grid (model.picture.pool); sets the placeholders per picture")
     prepare.set_defaults(run=cmd_prepare)
 
+
+def add_sample_command(commands) -> None:
+    """`sample`: documents of text and pictures from a trained model."""
     sample = commands.add_parser("sample", help="generate documents of text and pictures from a trained model",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sample.add_argument("--ckpt", required=True, help="training run (follows latest) or checkpoint directory")
@@ -431,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "encoder and adapter (checkpoints trained with train.encoder_run)")
     sample.set_defaults(run=cmd_sample)
 
+
+def add_eval_command(commands) -> None:
+    """`eval`: held-out scores against baselines, and the report."""
     evaluate = commands.add_parser("eval", help="measure what the model learned on the held-out world and text; "
                                    "write the report", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     evaluate.add_argument("--ckpt", required=True, help="training run (follows latest; its log.jsonl gives the curves) "
@@ -457,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=cmd_eval)
 
+
+def add_encoder_command(commands) -> None:
+    """`encoder train | eval`: the contrastive image encoder."""
     encoder = commands.add_parser("encoder", help="the contrastive image encoder (ViT + text tower, SigLIP/InfoNCE)")
     encoder_commands = encoder.add_subparsers(dest="encoder_command", required=True)
     encoder_train = encoder_commands.add_parser("train", help="train on the world's captioned pictures",
@@ -481,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_eval.add_argument("--device", default="cpu")
     encoder_eval.set_defaults(run=cmd_encoder_eval)
 
+
+def add_understand_command(commands) -> None:
+    """`understand`: discrete vs continuous picture understanding."""
     understand = commands.add_parser("understand", help="picture understanding through discrete codes vs continuous "
                                      "features, side by side on the held-out world")
     understand.add_argument("--discrete", action="append", metavar="NAME=RUN", help="a model reading pictures as codes")
@@ -497,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     understand.add_argument("--device", default="cpu")
     understand.set_defaults(run=cmd_understand)
 
+
+def add_chameleon_command(commands) -> None:
+    """`import-chameleon`, `export-chameleon`: transformers' checkpoints in and out."""
     for name, help_text, source in (
             ("import-chameleon", "convert a transformers Chameleon/Anole checkpoint (config.json + safetensors + "
              "tokenizer.json) into a unified_lm checkpoint with its tokenizer in OUT/tokenizer",
@@ -515,7 +543,6 @@ def build_parser() -> argparse.ArgumentParser:
             chameleon.add_argument("--tokenizer", help="vqtok run whose encoder and codebook go under "
                                    "model.vqmodel (default: an imported checkpoint's own)")
         chameleon.set_defaults(run=cmd_chameleon)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ its exit status and a phrase naming the file or field, with no traceback. Add a 
 
 Entry points: vqtok train / encode / decode / eval; unified-lm vocab / prepare / train (scripts/train_unified.py,
 up to the point DeepSpeed starts) / sample / eval / import-chameleon / export-chameleon. Rows that need a running
-DeepSpeed engine (resume from a damaged checkpoint, a damaged dataset row) are in test_unified_train.py.
+DeepSpeed engine (resume from a damaged checkpoint, a damaged dataset row) are in tests/unified_lm/train/test_trainer.py.
 """
 from __future__ import annotations
 

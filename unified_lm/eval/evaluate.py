@@ -1,8 +1,8 @@
 """`unified-lm eval`: what the unified model learned, measured against the procedural world's ground truth.
 
-Tasks (held-out documents of the world: scenes that never occur in training; see world.py)
+Tasks (held-out documents of the world: scenes that never occur in training; see unified_lm/world/corpus.py)
     text_to_image   caption -> picture (the sampler's image mode, with CFG); the decoded picture is read back by
-                    `world_check.read_picture` (a deterministic reader built from the world's renderer, never
+                    `world.check.read_picture` (a deterministic reader built from the world's renderer, never
                     from a learned model) and scored per attribute against the caption's scene.
     image_to_text   picture + "Caption:" -> caption (greedy); the caption is parsed (`world.parse_caption`) and scored per
                     attribute against the picture's scene.

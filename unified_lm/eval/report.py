@@ -212,7 +212,7 @@ def write_report(eval_dir: str | os.PathLike, run_dir: str | os.PathLike | None 
 
 
 def understanding_html(report: dict) -> str:
-    """The discrete-vs-continuous comparison (unified_lm.understanding) as an HTML table with a few answers."""
+    """The discrete-vs-continuous comparison (unified_lm.eval.understanding) as an HTML table with a few answers."""
     from unified_lm.eval.understanding import ROWS
 
     models = report["models"]

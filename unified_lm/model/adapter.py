@@ -1,6 +1,6 @@
 """The continuous encoder-adapter path's module inside the unified model (LLaVA / Janus understanding).
 
-pixels (M, 3, S, S) -> image encoder (ViT, vision.py) patch features (M, P, width)
+pixels (M, 3, S, S) -> image encoder (ViT, unified_lm/vision/encoder.py) patch features (M, P, width)
        -> average-pooled over the patch grid by `pool` (M, P / pool^2, width)
        -> 2-layer MLP with GELU (M, P / pool^2, dim): one embedding per `<image>` placeholder.
 

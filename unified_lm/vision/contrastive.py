@@ -2,7 +2,7 @@
 
 This is the continuous encoder of the encoder-adapter path: `VisionEncoder(pixels).patches` (B, P, width) is
 what an adapter projects into the language model; `ContrastiveModel` is how the encoder is trained (with
-SigLIP's sigmoid loss or CLIP's InfoNCE, see contrastive.py) and measured (zero-shot, see encoder_train.py).
+SigLIP's sigmoid loss or CLIP's InfoNCE, see losses.py) and measured (zero-shot, see unified_lm/train/encoder.py).
 
 - Picture tower (ViT, Dosovitskiy et al. 2021): a Conv2d with stride = patch size cuts the picture into patches,
   learned position embeddings for the config's grid are added, then pre-norm transformer blocks with
@@ -19,7 +19,7 @@ SigLIP's sigmoid loss or CLIP's InfoNCE, see contrastive.py) and measured (zero-
 - Input text = <bos> + encode_text(caption) + <eos>, right-padded with <pad>; a longer caption is cut so <eos>
   stays last (`tokenize_captions`).
 
-Run and checkpoint layout (written by encoder_train.py, read by `load_encoder`): RUN/latest names
+Run and checkpoint layout (written by unified_lm/train/encoder.py, read by `load_encoder`): RUN/latest names
 `step_XXXXXXXX` under RUN/checkpoints/; a checkpoint holds model.safetensors, config.json, meta.json, vocab/
 (and optimizer.safetensors + optimizer.json for resuming). Nothing pickled is read.
 """
@@ -253,7 +253,7 @@ class ContrastiveModel(nn.Module):
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
         """The contrastive loss of a batch of matched (picture, caption) pairs; scalar.
 
-        positives: (B, B) bool of matching pairs; default: pairs whose captions are identical (see contrastive.py)."""
+        positives: (B, B) bool of matching pairs; default: pairs whose captions are identical (see losses.py)."""
         images, texts = self.encode_image(pixels), self.encode_text(ids)  # (B, E) each
         if positives is None:
             positives = (ids[:, None, :] == ids[None, :, :]).all(-1)  # (B, B): equal captions match
