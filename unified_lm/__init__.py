@@ -12,6 +12,8 @@
     checkpoint.py   the shareable checkpoint files (safetensors + config + vocab + meta) and loading them
     sampling.py     sampling settings and per-step logit arithmetic (top-k/top-p, penalty, guidance, draws)
     sampler.py      KV-cached interleaved generation under the text/picture state machine, with CFG
+    processors.py   the sampler step's parts: logits processors (CFG, modality mask, penalty, top-k/top-p), token
+                    selector, stopping rules; add a processor with generate(processors=[...])
     prompts.py      prompt files and prompt pictures (encoded by vqtok) for `unified-lm sample`
     render.py       sampled documents -> PNG, Markdown, self-contained HTML, JSON
     vision.py       the contrastive image encoder: ViT picture tower + text tower (encoder_train.py trains it with
