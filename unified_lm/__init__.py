@@ -11,8 +11,9 @@ Subpackages, lowest first (ARCHITECTURE.md has the picture and the import rule):
                (pixels beside the rows for the continuous path)
     model/     config.py (typed configs, presets tiny .. 7b), transformer.py (RMSNorm, SwiGLU, RoPE, GQA, QK-norm,
                z-loss, norm reordering), adapter.py (encoder -> <image> placeholders), checkpoint.py (the files)
-    generate/  segments.py (prompts and outputs), sampling.py (settings, logit arithmetic), sampler.py (KV-cached
-               decoding under the modality state machine), decode_step.py (CUDA graph step), prompts.py, render.py
+    generate/  segments.py (prompts and outputs), sampling.py (settings, logit arithmetic), processors.py (logits
+               processors, token selector, stopping rules), sampler.py (the KV-cached loop over them),
+               decode_step.py (CUDA graph step), prompts.py, render.py
     train/     trainer.py (DeepSpeed ZeRO 0-3, exact resume; `deepspeed scripts/train_unified.py`), initial.py (the
                weights training starts from), resume.py, encoder.py (the contrastive encoder), plot.py
     eval/      evaluate.py (`unified-lm eval`), understanding.py (`unified-lm understand`), report.py

@@ -17,27 +17,39 @@ The guidance rows take only picture tokens (<boi>, codes, <eoi>); while no row i
 first B rows are decoded (a view of the same cache), so guidance costs nothing during text.
 
 Decoding never recomputes the prefix: one prefill over the left-padded prompts, then one token per row per step
-into a preallocated cache (`KVCache`).
+into a preallocated cache (`KVCache`; the unconditional row's restart is `KVCache.restart_row`).
+
+Reading order: `Sampler.generate` is the loop. Each step runs the processors of `processors.py` on the logits
+(guidance, the user's processors, the modality mask, repetition penalty, temperature/top-k/top-p), draws with the
+token selector, then `_advance` updates each document's `RowState` and asks the stopping rules, and `_decode`
+feeds the drawn tokens. `_start` (prompts, prefill) and `_documents` (the results) are the two ends.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from unified_lm.generate.decode_step import StaticDecodeStep
-from unified_lm.generate.sampling import (
-    Guidance,
-    RowGenerators,
-    SamplingConfig,
-    apply_repetition_penalty,
-    draw,
-    filter_logits,
-    guided_logits,
+from unified_lm.generate.processors import (
+    ClassifierFreeGuidance,
+    LogitsProcessor,
+    ModalityMask,
+    PlainProcessor,
+    RepetitionPenalty,
+    SamplingFilter,
+    StepView,
+    StoppingRule,
+    TokenSelector,
+    allowed_table,
+    apply_processors,
+    stop_reason,
+    stopping_rules,
 )
+from unified_lm.generate.sampling import Guidance, RowGenerators, SamplingConfig
 from unified_lm.generate.segments import ContinuousPicture, Prompt, SampledDocument, Segment
 from unified_lm.model.transformer import KVCache, UnifiedTransformer
 from unified_lm.tokens.vocab import Vocabulary
@@ -162,6 +174,40 @@ class _DocumentBuilder:
             self._close_image()
 
 
+@dataclass
+class RowState:
+    """One document while it is generated (processors read it as a `RowView`). Its cache rows are
+    index + block * B, one per context block: full, [image-only (3way)], [unconditional]."""
+
+    index: int  # its place in the batch
+    seed: int
+    prompt: list[int]  # its full-context prompt ids
+    budget: int  # tokens it may generate
+    builder: _DocumentBuilder  # its segments and streaming events
+    next_position: list[int]  # per context: the RoPE position its next token takes
+    first_slot: list[int]  # per context: the cache slot of its <bos>
+    in_image: bool = False
+    image_filled: int = 0  # codes drawn in the open picture
+    images_made: int = 0  # pictures opened (a prompt that ends in <boi> counts)
+    generated: list[int] = field(default_factory=list)
+    finish: str | None = None  # why it stopped ("eos", "length", "image"); None while it runs
+
+
+@dataclass
+class _Run:
+    """What one generate call's steps share."""
+
+    rows: list[RowState]
+    guidance: Guidance
+    cache: KVCache
+    steps: dict[int, StaticDecodeStep]  # static decode steps by row count (static mode)
+    logits: torch.Tensor  # (R, V): every cache row's latest logits
+
+    @property
+    def contexts(self) -> int:
+        return self.guidance.contexts
+
+
 class Sampler:
     """Generates documents from a unified model. `image_grid` (h, w) is the picture size the model draws (from
     the checkpoint's training data, `LoadedModel.image_grids`); None disables pictures.
@@ -183,17 +229,7 @@ class Sampler:
         self.static = compile or (self.device.type == "cuda" if static is None else static)
         self.compile = compile
         self.stats = SamplerStats()
-        special = vocab.special
-        text = torch.from_numpy(vocab.text_mask)
-        if vocab.text.kind == "sentencepiece":
-            text[0] = False  # sentencepiece's <unk>: byte fallback never needs it
-        text[special.eos] = True
-        picture = torch.from_numpy(vocab.image_mask)
-        only_eoi = torch.zeros(vocab.size, dtype=torch.bool)
-        only_eoi[special.eoi] = True
-        text_or_picture = text.clone()
-        text_or_picture[special.boi] = True
-        self._allowed = torch.stack([text, picture, only_eoi, text_or_picture]).to(self.device)  # see _state_index
+        self._allowed = allowed_table(vocab).to(self.device)  # the modality mask's states
 
     @property
     def grid_tokens(self) -> int:
@@ -262,209 +298,208 @@ class Sampler:
                                  "holds none (give --image PATH)")
 
     # -- generation -----------------------------------------------------------------------------------------------
-    # generate is long (~180 lines): one loop over parallel per-row lists (finish, in_image, image_filled, ...).
-    # Issue 18 rebuilds it as a per-row state dataclass with logits processors around a small loop; it is not
-    # split here so that rewrite starts from one piece rather than from fragments sharing those lists.
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], config: SamplingConfig,
                  on_event: Callable[[SampleEvent], None] | None = None,
                  logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 trace: SamplerTrace | None = None) -> list[SampledDocument]:
-        """Sample one document per prompt, all in one batch. `logits_processor` (B, V) -> (B, V) may change the
-        (guided) logits before the modality mask; it can never make a forbidden token possible."""
+                 trace: SamplerTrace | None = None,
+                 processors: Sequence[LogitsProcessor] = ()) -> list[SampledDocument]:
+        """Sample one document per prompt, all in one batch.
+
+        logits_processor: (B, V) -> (B, V); processors: `LogitsProcessor`s, (logits (B, V), step `StepView`) ->
+        (B, V). Both change the guided logits (in that order) before the modality mask, so they can never make
+        a forbidden token possible (see `unified_lm.generate.processors`)."""
         self._check(prompts, config)
-        vocab, special, model = self.vocab, self.vocab.special, self.model
-        mode, grid_tokens = config.mode, self.grid_tokens
-        batch = len(prompts)
-        full = [self.encode_prompt(p, mode) for p in prompts]
-        context = model.config.max_seq_len
-        budgets = []
+        run = self._start(prompts, config, on_event)
+        guide, rules, select = self._parts(config, run, logits_processor, processors)
+        stops = stopping_rules(config.mode, self.vocab.special)
+        start = time.perf_counter()
+        while True:
+            step = StepView.of(run.logits, run.rows)
+            guided = apply_processors(guide, run.logits[: len(run.rows)], step)
+            drawn = select(apply_processors(rules, guided, step), step)
+            if trace is not None:
+                self._record(trace, run, guided, drawn)
+            feed = self._advance(run, drawn, stops)
+            if all(row.finish is not None for row in run.rows):
+                break
+            self.stats.decode_steps += 1
+            run.logits = self._decode(run, feed)
+        self._sync()
+        self.stats.decode_seconds += time.perf_counter() - start
+        self.stats.tokens += sum(len(row.generated) for row in run.rows)
+        return self._documents(prompts, run, on_event)
+
+    def _start(self, prompts: list[Prompt], config: SamplingConfig,
+               on_event: Callable[[SampleEvent], None] | None) -> _Run:
+        """Encode the prompts, prefill every cache row, and set up each document's state."""
+        special, batch = self.vocab.special, len(prompts)
+        full = [self.encode_prompt(p, config.mode) for p in prompts]
+        budgets = self._budgets(full, config)
+        guidance = config.guidance if config.mode in ("interleaved", "image") else Guidance("none")
+        contexts = self._contexts(full, guidance)
+        cache, steps, logits = self._prefill(prompts, contexts, max(budgets))
+        width = max(len(ids) for ids in contexts)
+        rows = []
+        for index, ids in enumerate(full):
+            seed = prompts[index].seed if prompts[index].seed is not None else config.seed + index
+            own = contexts[index::batch]  # this document's cache rows, one per context
+            row = RowState(index, seed, ids, budgets[index], _DocumentBuilder(self.vocab, self.image_grid, index, on_event),
+                           next_position=[len(c) for c in own], first_slot=[width - len(c) for c in own])
+            if ids[-1] == special.boi:  # image mode: the prompt opened the picture
+                row.in_image, row.images_made = True, 1
+                row.builder.start_image()
+            rows.append(row)
+        return _Run(rows, guidance, cache, steps, logits)
+
+    def _budgets(self, full: list[list[int]], config: SamplingConfig) -> list[int]:
+        """Tokens each document may generate: max_new_tokens, or what the model's context leaves after its prompt."""
+        context, budgets = self.model.config.max_seq_len, []
         for number, ids in enumerate(full):
             if len(ids) >= context:
                 raise ValueError(f"prompt {number} is {len(ids)} tokens; the model's context is {context} tokens")
             budgets.append(min(config.max_new_tokens, context - len(ids)))
-            if mode == "image" and budgets[-1] < grid_tokens + 1:
-                raise ValueError(f"prompt {number}: a picture needs {grid_tokens + 1} more tokens (codes + <eoi>), but "
-                                 f"only {budgets[-1]} fit (max_new_tokens {config.max_new_tokens}, context {context})")
-        max_images = {"interleaved": config.max_images, "image": 1}.get(mode, 0)
-        guidance = config.guidance if mode in ("interleaved", "image") else Guidance("none")
-        contexts = guidance.contexts
-        starts_in_image = [ids[-1] == special.boi for ids in full]
-        rows = list(full)
-        if guidance.mode == "3way":  # text removed, pictures kept
-            rows += [[special.bos] + [t for t in ids[1:] if vocab.in_picture(t)] for ids in full]
-        if guidance.mode != "none":
-            rows += [[special.bos] + ([special.boi] if inside else []) for inside in starts_in_image]
+            if config.mode == "image" and budgets[-1] < self.grid_tokens + 1:
+                raise ValueError(f"prompt {number}: a picture needs {self.grid_tokens + 1} more tokens (codes + <eoi>), "
+                                 f"but only {budgets[-1]} fit (max_new_tokens {config.max_new_tokens}, context {context})")
+        return budgets
 
-        # prefill: left-padded rows, every row's positions counting from 0 at its first real token
-        width = max(len(ids) for ids in rows)
-        total_rows = len(rows)
-        tokens = torch.full((total_rows, width), special.pad, dtype=torch.long)
-        valid = torch.zeros(total_rows, width, dtype=torch.bool)
-        for row, ids in enumerate(rows):
+    def _contexts(self, full: list[list[int]], guidance: Guidance) -> list[list[int]]:
+        """Every cache row's prompt, B rows per context: the documents, [3way: the documents without their text],
+        [the unconditional context: <bos>, and <boi> when the prompt opened a picture]."""
+        special = self.vocab.special
+        rows = list(full)
+        if guidance.mode == "3way":
+            rows += [[special.bos] + [t for t in ids[1:] if self.vocab.in_picture(t)] for ids in full]
+        if guidance.mode != "none":
+            rows += [[special.bos] + ([special.boi] if ids[-1] == special.boi else []) for ids in full]
+        return rows
+
+    def _prefill(self, prompts: list[Prompt], contexts: list[list[int]],
+                 new_tokens: int) -> tuple[KVCache, dict[int, StaticDecodeStep], torch.Tensor]:
+        """One pass over the left-padded rows into a new cache with room for `new_tokens` more slots; every row's
+        positions count from 0 at its first real token. Returns the cache, the static decode steps by row count
+        (static mode) and the (R, V) logits of each row's last token."""
+        special, model = self.vocab.special, self.model
+        width, total = max(len(ids) for ids in contexts), len(contexts)
+        tokens = torch.full((total, width), special.pad, dtype=torch.long)
+        valid = torch.zeros(total, width, dtype=torch.bool)
+        for row, ids in enumerate(contexts):
             tokens[row, width - len(ids):] = torch.tensor(ids)
             valid[row, width - len(ids):] = True
         positions = (valid.cumsum(1) - 1).clamp(min=0)
         dtype = next(model.parameters()).dtype
-        cache = KVCache.allocate(model.config, total_rows, width + max(budgets), self.device, dtype)
+        cache = KVCache.allocate(model.config, total, width + new_tokens, self.device, dtype)
         steps = {}
         if self.static:  # before the prefill: warming a step up writes slot 0, which the prefill overwrites
-            for count in {total_rows, batch}:
+            for count in {total, len(prompts)}:
                 steps[count] = StaticDecodeStep(model, cache, count, compile=self.compile)
         start = time.perf_counter()
         splice_mask, splice_embeddings = self._continuous_splice(prompts, tokens.to(self.device))
         logits = model.decode(tokens.to(self.device), cache, positions.to(self.device), valid.to(self.device),
                               last_only=True, splice_mask=splice_mask, splice_embeddings=splice_embeddings,
-                              code_positions=vocab.code_positions(tokens).to(self.device))[:, 0]
+                              code_positions=self.vocab.code_positions(tokens).to(self.device))[:, 0]
         self._sync()
         self.stats.prefill_seconds += time.perf_counter() - start
-        next_position = [len(ids) for ids in rows]
-        first_slot = [width - len(ids) for ids in rows]  # where each row's <bos> sits in the cache
+        return cache, steps, logits
 
-        # per-document state (host side: the sampled ids come back once per step anyway)
-        seeds = [p.seed if p.seed is not None else config.seed + i for i, p in enumerate(prompts)]
-        generators = RowGenerators(seeds, self.device)
-        in_image = list(starts_in_image)
-        image_filled = [0] * batch
-        images_made = [int(x) for x in starts_in_image]
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        finish: list[str | None] = [None] * batch
-        builders = [_DocumentBuilder(vocab, self.image_grid, row, on_event) for row in range(batch)]
-        for builder, inside in zip(builders, starts_in_image):
-            if inside:
-                builder.start_image()
-        settings = self._row_settings(config)
-        penalise = config.text.repetition_penalty != 1.0
-        seen = None
-        if penalise:
-            seen = torch.zeros(batch, vocab.size, dtype=torch.bool, device=self.device)
-            for row, ids in enumerate(full):
-                text_ids = [t for t in ids if vocab.is_text(t)]
-                seen[row, text_ids] = True
+    def _parts(self, config: SamplingConfig, run: _Run, logits_processor: Callable | None,
+               processors: Sequence[LogitsProcessor]) -> tuple[list, list, TokenSelector]:
+        """This call's guidance processors, rule processors and token selector (module docstring of processors)."""
+        guide: list[LogitsProcessor] = [ClassifierFreeGuidance(run.guidance)]
+        if logits_processor is not None:
+            guide.append(PlainProcessor(logits_processor))
+        guide += processors
+        max_images = {"interleaved": config.max_images, "image": 1}.get(config.mode, 0)
+        rules: list[LogitsProcessor] = [ModalityMask(self._allowed, self.grid_tokens, max_images)]
+        if config.text.repetition_penalty != 1.0:
+            rules.append(RepetitionPenalty(self.vocab, config.text.repetition_penalty, self.device))
+        rules.append(SamplingFilter(config.text, config.image, self.device))
+        generators = RowGenerators([row.seed for row in run.rows], self.device)
+        return guide, rules, TokenSelector(generators, config.text, config.image, self.device)
 
-        start = time.perf_counter()
-        while True:
-            state = [self._state_index(in_image[r], image_filled[r], images_made[r], max_images, budgets[r] - len(generated[r]))
-                     for r in range(batch)]
-            image_rows = torch.tensor(in_image, device=self.device)
-            if contexts > 1 and any(in_image):
-                mixed = torch.where(image_rows[:, None], guided_logits(logits, guidance), logits[:batch])
-            else:
-                mixed = logits[:batch]
-            if logits_processor is not None:
-                mixed = logits_processor(mixed)
-            allowed = self._allowed[torch.tensor(state, device=self.device)]
-            masked = mixed.masked_fill(~allowed, float("-inf"))
-            if penalise:  # text rows only
-                penalty = torch.where(image_rows, torch.ones_like(settings["penalty"]), settings["penalty"])
-                masked = apply_repetition_penalty(masked, seen, penalty)
-            temperature = torch.where(image_rows, settings["image_temperature"], settings["text_temperature"])
-            top_k = torch.where(image_rows, settings["image_top_k"], settings["text_top_k"])
-            top_p = torch.where(image_rows, settings["image_top_p"], settings["text_top_p"])
-            filtered = filter_logits(masked, temperature, top_k, top_p)
-            noise = generators.exponential(vocab.size)
-            drawn = draw(filtered, noise, temperature == 0).tolist()
-            if trace is not None:
-                trace.raw.append(logits.float().cpu())
-                trace.guided.append(mixed.float().cpu())
-                trace.in_image.append(list(in_image))
-                trace.tokens.append([t if finish[r] is None else None for r, t in enumerate(drawn)])
+    def _record(self, trace: SamplerTrace, run: _Run, guided: torch.Tensor, drawn: list[int]) -> None:
+        trace.raw.append(run.logits.float().cpu())
+        trace.guided.append(guided.float().cpu())
+        trace.in_image.append([row.in_image for row in run.rows])
+        trace.tokens.append([t if row.finish is None else None for row, t in zip(run.rows, drawn)])
 
-            feed = [None] * total_rows  # the token each row takes this step (None: a padding slot)
-            feed_code_position = [-1] * total_rows  # its place in its picture when it is an image code
-            for row in range(batch):
-                if finish[row] is not None:
-                    continue
-                token = drawn[row]
-                generated[row].append(token)
-                builders[row].add(token)
-                if token == special.boi:
-                    in_image[row], image_filled[row] = True, 0
-                    images_made[row] += 1
-                elif token == special.eoi:
-                    in_image[row] = False
-                elif in_image[row]:
-                    image_filled[row] += 1
-                elif penalise and vocab.is_text(token):
-                    seen[row, token] = True
-                if token == special.eos:
-                    finish[row] = "eos"
-                elif mode == "image" and token == special.eoi:
-                    finish[row] = "image"
-                elif len(generated[row]) >= budgets[row]:
-                    finish[row] = "length"
-                if finish[row] is not None:
-                    builders[row].finish()
-                    continue
-                feed[row] = token
-                if in_image[row] and vocab.is_image(token):
-                    feed_code_position[row] = image_filled[row] - 1
-                if contexts > 1 and vocab.in_picture(token):
-                    for block in range(1, contexts):
-                        feed[block * batch + row] = token
-                        feed_code_position[block * batch + row] = feed_code_position[row]
-                    if token == special.boi:  # the unconditional context restarts at every picture: [<bos>, <boi>]
-                        uncond = (contexts - 1) * batch + row
-                        cache.key_valid[uncond, : cache.length] = False
-                        cache.key_valid[uncond, first_slot[uncond]] = True
-                        next_position[uncond] = 1
-            if all(f is not None for f in finish):
-                break
-            self.stats.decode_steps += 1
-            run_rows = total_rows if any(f is not None for f in feed[batch:]) else batch
-            step_tokens = torch.tensor([special.pad if f is None else f for f in feed[:run_rows]])[:, None]
-            step_valid = torch.tensor([f is not None for f in feed[:run_rows]])[:, None]
-            step_positions = torch.tensor(next_position[:run_rows])[:, None]
-            step_code_positions = torch.tensor(feed_code_position[:run_rows])[:, None]
-            step_inputs = tuple(t.to(self.device) for t in (step_tokens, step_positions, step_valid, step_code_positions))
-            if self.static:
-                step_logits = steps[run_rows](*step_inputs, cache.length)
-                cache.length += 1
-            else:
-                view = cache if run_rows == total_rows else cache.head(run_rows)
-                step_logits = model.decode(step_inputs[0], view, step_inputs[1], step_inputs[2],
-                                           code_positions=step_inputs[3])[:, 0]
-                cache.length = view.length
-            if run_rows == total_rows:
-                logits = step_logits
-            else:
-                logits = logits.clone()
-                logits[:run_rows] = step_logits
-            for row in range(run_rows):
-                next_position[row] += feed[row] is not None
-        self._sync()
-        self.stats.decode_seconds += time.perf_counter() - start
-        self.stats.tokens += sum(len(g) for g in generated)
+    def _advance(self, run: _Run, drawn: list[int], stops: list[StoppingRule]) -> list[tuple[int, int] | None]:
+        """Give each running document its drawn token (state, stream, stopping rules). Returns what each cache
+        row takes next: (token, its place in its picture or -1), or None for a padding slot."""
+        batch, vocab = len(run.rows), self.vocab
+        feed: list[tuple[int, int] | None] = [None] * (batch * run.contexts)
+        for row, token in zip(run.rows, drawn):
+            if row.finish is not None:
+                continue
+            self._accept(row, token)
+            row.finish = stop_reason(stops, row, token)
+            if row.finish is not None:
+                row.builder.finish()
+                continue
+            code_position = row.image_filled - 1 if row.in_image and vocab.is_image(token) else -1
+            for block in range(run.contexts if vocab.in_picture(token) else 1):  # guidance rows: pictures only
+                feed[block * batch + row.index] = (token, code_position)
+            if token == vocab.special.boi and run.contexts > 1:  # the unconditional context restarts: [<bos>, <boi>]
+                unconditional = run.contexts - 1
+                run.cache.restart_row(unconditional * batch + row.index, row.first_slot[unconditional])
+                row.next_position[unconditional] = 1
+        return feed
 
+    def _accept(self, row: RowState, token: int) -> None:
+        """The state machine's bookkeeping for one drawn token."""
+        special = self.vocab.special
+        row.generated.append(token)
+        row.builder.add(token)
+        if token == special.boi:
+            row.in_image, row.image_filled = True, 0
+            row.images_made += 1
+        elif token == special.eoi:
+            row.in_image = False
+        elif row.in_image:
+            row.image_filled += 1
+
+    def _decode(self, run: _Run, feed: list[tuple[int, int] | None]) -> torch.Tensor:
+        """One token into each cache row that has one -> (R, V) logits. While no guidance row takes a token,
+        only the first B rows run (a view of the cache) and the others keep their last logits."""
+        batch, total = len(run.rows), len(feed)
+        count = total if any(f is not None for f in feed[batch:]) else batch
+        cache_rows = [(row, block) for block in range(run.contexts) for row in run.rows][:count]
+        feed = feed[:count]
+        tokens = torch.tensor([self.vocab.special.pad if f is None else f[0] for f in feed])[:, None]
+        positions = torch.tensor([row.next_position[block] for row, block in cache_rows])[:, None]
+        valid = torch.tensor([f is not None for f in feed])[:, None]
+        code_positions = torch.tensor([-1 if f is None else f[1] for f in feed])[:, None]
+        inputs = [t.to(self.device) for t in (tokens, positions, valid, code_positions)]
+        if self.static:
+            logits = run.steps[count](*inputs, run.cache.length)
+        else:
+            logits = self.model.decode(inputs[0], run.cache.head(count), inputs[1], inputs[2],
+                                       code_positions=inputs[3])[:, 0]
+        run.cache.advance()
+        for (row, block), taken in zip(cache_rows, feed):
+            row.next_position[block] += taken is not None
+        if count == total:
+            return logits
+        merged = run.logits.clone()
+        merged[:count] = logits
+        return merged
+
+    def _documents(self, prompts: list[Prompt], run: _Run,
+                   on_event: Callable[[SampleEvent], None] | None) -> list[SampledDocument]:
         documents = []
-        for row in range(batch):
-            prompt = split_segments(full[row], vocab, self.image_grid)
-            continuous = iter(s for s in prompts[row].segments if isinstance(s, ContinuousPicture))
-            for segment in prompt:  # continuous pictures keep their pixels (they have no codes to decode)
+        for row, prompt in zip(run.rows, prompts):
+            segments = split_segments(row.prompt, self.vocab, self.image_grid)
+            continuous = iter(s for s in prompt.segments if isinstance(s, ContinuousPicture))
+            for segment in segments:  # continuous pictures keep their pixels (they have no codes to decode)
                 if segment.kind == "image" and segment.codes is None:
                     segment.pixels = to_uint8(next(continuous).pixels)
-            document = SampledDocument(row, seeds[row], prompt,
-                                       builders[row].segments, generated[row], finish[row], len(full[row]))
+            document = SampledDocument(row.index, row.seed, segments, row.builder.segments, row.generated,
+                                       row.finish, len(row.prompt))
             documents.append(document)
             if on_event is not None:
-                on_event(SampleEvent(row=row, kind="done", document=document))
+                on_event(SampleEvent(row=row.index, kind="done", document=document))
         return documents
-
-    def _state_index(self, in_image: bool, image_filled: int, images_made: int, max_images: int, remaining: int) -> int:
-        """Row of `self._allowed`: 0 text, 1 picture codes, 2 forced <eoi>, 3 text that may also open a picture."""
-        if in_image:
-            return 2 if image_filled >= self.grid_tokens else 1
-        fits = remaining >= self.grid_tokens + 2  # <boi> + codes + <eoi>
-        return 3 if images_made < max_images and fits else 0
-
-    def _row_settings(self, config: SamplingConfig) -> dict[str, torch.Tensor]:
-        def full(value, dtype=torch.float32):
-            return torch.full((1,), value, dtype=dtype, device=self.device)
-
-        return {"text_temperature": full(config.text.temperature), "image_temperature": full(config.image.temperature),
-                "text_top_k": full(config.text.top_k, torch.long), "image_top_k": full(config.image.top_k, torch.long),
-                "text_top_p": full(config.text.top_p), "image_top_p": full(config.image.top_p),
-                "penalty": full(config.text.repetition_penalty)}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -85,6 +85,23 @@ class KVCache:
         return KVCache([k[:rows] for k in self.keys], [v[:rows] for v in self.values], self.key_valid[:rows],
                        self.length)
 
+    def advance(self, slots: int = 1) -> None:
+        """Count `slots` more slots as written, for writes `decode` did not count here: a static-shape step (it
+        writes at the slot it is given and leaves `length` to the caller) or a `head` view (its length is a copy)."""
+        if self.length + slots > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} slots; {self.length} used, {slots} more requested")
+        self.length += slots
+
+    def restart_row(self, row: int, keep_slot: int) -> None:
+        """Forget what row `row` has written except slot `keep_slot`: its next tokens attend to that slot and to
+        what comes after, as if its context were that one token. The sampler restarts a guidance row's
+        unconditional context at every picture this way, keeping its <bos>. Keys and values stay where they are
+        (masked out; later tokens go to new slots), so the row's RoPE positions restart with the caller."""
+        if not 0 <= keep_slot < self.length:
+            raise ValueError(f"slot {keep_slot} is not written (the cache has {self.length} slots in use)")
+        self.key_valid[row, : self.length] = False
+        self.key_valid[row, keep_slot] = True
+
 
 @dataclass
 class LayerCache:

@@ -18,104 +18,50 @@ from unified_lm.generate.sampling import (
 )
 from unified_lm.generate.segments import Prompt
 from unified_lm.model.config import preset
-from unified_lm.model.transformer import UnifiedTransformer
-
-GRID = (4, 4)
 
 
-@pytest.fixture(scope="module")
-def vocab(lm_data):
-    return lm_data.vocab
-
-
-def tiny_lm(vocab, seed: int = 0, max_seq_len: int = 160) -> UnifiedTransformer:
-    config = preset("tiny").model
-    config.vocab_size, config.max_seq_len = vocab.size, max_seq_len
-    torch.manual_seed(seed)
-    return UnifiedTransformer(config).eval()
-
-
-def boost(token: int, amount: float):
-    def processor(logits):
-        logits = logits.clone()
-        logits[:, token] += amount
-        return logits
-    return processor
-
-
-def config(**changes) -> SamplingConfig:
-    return SamplingConfig.from_dict(changes)
-
-
-def check_structure(tokens: list[int], vocab, grid_tokens: int, max_images: int, starts_in_image: bool = False) -> int:
-    """Walk the generated ids through the state machine; returns the number of pictures."""
-    special = vocab.special
-    in_image, filled, pictures = starts_in_image, 0, int(starts_in_image)
-    for token in tokens:
-        if in_image:
-            if filled < grid_tokens:
-                assert vocab.is_image(token), f"non-image id {token} inside a picture"
-                filled += 1
-            else:
-                assert token == special.eoi, "a picture must end with <eoi> after exactly grid-many codes"
-                in_image = False
-        else:
-            assert not vocab.is_image(token), f"image id {token} emitted in text mode"
-            assert token != special.eoi and token not in (special.bos, special.pad, special.image, 0)
-            assert 0 < token < vocab.text_size or token in (special.eos, special.boi)
-            if token == special.boi:
-                in_image, filled = True, 0
-                pictures += 1
-    assert pictures <= max_images
-    return pictures
-
-
-PROMPTS = [Prompt(["a red circle at the top left."]), Prompt(["a small blue square and a large green cross on the right."]),
-           Prompt(["Step 1:"])]
-
-
-def test_modality_state_machine_over_many_samples(vocab):
+def test_modality_state_machine_over_many_samples(vocab, tiny_lm, boost, config, check_structure, grid, world_prompts):
     model = tiny_lm(vocab)
-    sampler = Sampler(model, vocab, GRID)
-    grid_tokens = GRID[0] * GRID[1]
+    sampler = Sampler(model, vocab, grid)
+    grid_tokens = grid[0] * grid[1]
     pictures = 0
     for seed, processor in [(0, boost(vocab.special.boi, 5.0)), (1, boost(vocab.special.eoi, 50.0)), (2, None)]:
         settings = config(max_new_tokens=90, max_images=3, seed=seed, text={"temperature": 1.5, "top_p": 1.0},
                           image={"temperature": 1.0, "top_k": 20})
-        documents = sampler.generate(PROMPTS * 2, settings, logits_processor=processor)
+        documents = sampler.generate(world_prompts * 2, settings, logits_processor=processor)
         for document in documents:
             pictures += check_structure(document.tokens, vocab, grid_tokens, 3)
-            assert all(image.shape == GRID for image in document.images)
+            assert all(image.shape == grid for image in document.images)
             assert len(document.tokens) <= 90
             assert document.finish_reason == ("eos" if document.tokens[-1] == vocab.special.eos else "length")
     assert pictures >= 6  # the boosted run really drew pictures
 
 
-def test_begin_of_image_blocked_when_a_picture_cannot_fit(vocab):
-    sampler = Sampler(tiny_lm(vocab), vocab, GRID)
+def test_begin_of_image_blocked_when_a_picture_cannot_fit(vocab, tiny_lm, boost, config, check_structure, grid, world_prompts):
+    sampler = Sampler(tiny_lm(vocab), vocab, grid)
     always_picture = boost(vocab.special.boi, 1000.0)
-    grid_tokens = GRID[0] * GRID[1]
+    grid_tokens = grid[0] * grid[1]
     greedy = {"text": {"temperature": 0.0}, "image": {"temperature": 0.0}}
-    short = sampler.generate([PROMPTS[0]], config(max_new_tokens=grid_tokens + 1, **greedy), logits_processor=always_picture)[0]
+    short = sampler.generate([world_prompts[0]], config(max_new_tokens=grid_tokens + 1, **greedy), logits_processor=always_picture)[0]
     assert vocab.special.boi not in short.tokens and short.finish_reason == "length"
-    exact = sampler.generate([PROMPTS[0]], config(max_new_tokens=grid_tokens + 2, **greedy), logits_processor=always_picture)[0]
+    exact = sampler.generate([world_prompts[0]], config(max_new_tokens=grid_tokens + 2, **greedy), logits_processor=always_picture)[0]
     assert exact.tokens[0] == vocab.special.boi and exact.tokens[-1] == vocab.special.eoi and len(exact.images) == 1
-    counted = sampler.generate([PROMPTS[0]], config(max_new_tokens=80, max_images=2, **greedy),
+    counted = sampler.generate([world_prompts[0]], config(max_new_tokens=80, max_images=2, **greedy),
                                logits_processor=always_picture)[0]
     assert counted.tokens.count(vocab.special.boi) == 2
     check_structure(counted.tokens, vocab, grid_tokens, 2)
-    text_only = sampler.generate([PROMPTS[0]], config(mode="text", max_new_tokens=60, **greedy),
+    text_only = sampler.generate([world_prompts[0]], config(mode="text", max_new_tokens=60, **greedy),
                                  logits_processor=always_picture)[0]
     assert not any(vocab.in_picture(t) for t in text_only.tokens)
 
 
 @pytest.mark.parametrize("guidance", ["none", "2way", "3way"])
-def test_cached_logits_equal_full_recomputation(vocab, guidance):
+def test_cached_logits_equal_full_recomputation(vocab, guidance, tiny_lm, boost, config, grid):
     """Every row's logits at every step (the full documents and both guidance contexts) equal a full forward
     over that row's context without any cache (fp32, 1e-5)."""
     model = tiny_lm(vocab)
-    sampler = Sampler(model, vocab, GRID)
-    prompt_picture = np.arange(16).reshape(GRID) % vocab.codebook_size
+    sampler = Sampler(model, vocab, grid)
+    prompt_picture = np.arange(16).reshape(grid) % vocab.codebook_size
     prompts = [Prompt(["a red circle."]), Prompt([prompt_picture, "a blue square at the top right and more words"])]
     trace = SamplerTrace()
     settings = config(max_new_tokens=45, max_images=2, guidance={"mode": guidance, "scale": 2.0, "image_scale": 1.5})
@@ -146,12 +92,12 @@ def test_cached_logits_equal_full_recomputation(vocab, guidance):
 
 
 @pytest.mark.parametrize("guidance", ["2way", "3way"])
-def test_guided_logits_equal_the_formula(vocab, guidance):
-    sampler = Sampler(tiny_lm(vocab), vocab, GRID)
+def test_guided_logits_equal_the_formula(vocab, guidance, tiny_lm, config, grid, world_prompts):
+    sampler = Sampler(tiny_lm(vocab), vocab, grid)
     trace = SamplerTrace()
     scale, image_scale = 2.5, 1.3
     settings = config(mode="image", guidance={"mode": guidance, "scale": scale, "image_scale": image_scale})
-    sampler.generate(PROMPTS[:2], settings, trace=trace)
+    sampler.generate(world_prompts[:2], settings, trace=trace)
     batch = 2
     for raw, guided, in_image in zip(trace.raw, trace.guided, trace.in_image):
         full = raw[:batch].double()
@@ -166,30 +112,30 @@ def test_guided_logits_equal_the_formula(vocab, guidance):
             torch.testing.assert_close(guided[row].double(), reference, rtol=1e-5, atol=1e-4)
 
 
-def test_batch_equals_prompts_one_by_one_and_seeds_reproduce(vocab):
-    sampler = Sampler(tiny_lm(vocab), vocab, GRID)
+def test_batch_equals_prompts_one_by_one_and_seeds_reproduce(vocab, tiny_lm, boost, config, grid, world_prompts):
+    sampler = Sampler(tiny_lm(vocab), vocab, grid)
     settings = config(max_new_tokens=50, seed=7, text={"temperature": 1.0, "top_k": 50, "repetition_penalty": 1.3},
                       guidance={"mode": "2way"})
     processor = boost(vocab.special.boi, 4.0)
-    together = sampler.generate(PROMPTS, settings, logits_processor=processor)
+    together = sampler.generate(world_prompts, settings, logits_processor=processor)
     alone = [sampler.generate([Prompt(p.segments, seed=7 + i)], settings, logits_processor=processor)[0]
-             for i, p in enumerate(PROMPTS)]
+             for i, p in enumerate(world_prompts)]
     assert [d.tokens for d in together] == [d.tokens for d in alone]
-    again = sampler.generate(PROMPTS, settings, logits_processor=processor)
+    again = sampler.generate(world_prompts, settings, logits_processor=processor)
     assert [d.tokens for d in again] == [d.tokens for d in together]
-    other = sampler.generate(PROMPTS, config(max_new_tokens=50, seed=8, text={"temperature": 1.0, "top_k": 50}),
+    other = sampler.generate(world_prompts, config(max_new_tokens=50, seed=8, text={"temperature": 1.0, "top_k": 50}),
                              logits_processor=processor)
     assert [d.tokens for d in other] != [d.tokens for d in together]
 
 
-def test_image_and_understanding_modes(vocab):
-    sampler = Sampler(tiny_lm(vocab), vocab, GRID)
-    documents = sampler.generate(PROMPTS, config(mode="image", guidance={"mode": "3way"}))
+def test_image_and_understanding_modes(vocab, tiny_lm, boost, config, check_structure, grid, world_prompts):
+    sampler = Sampler(tiny_lm(vocab), vocab, grid)
+    documents = sampler.generate(world_prompts, config(mode="image", guidance={"mode": "3way"}))
     for document in documents:
         assert document.finish_reason == "image" and len(document.images) == 1
-        assert len(document.tokens) == GRID[0] * GRID[1] + 1  # codes + <eoi> (the prompt ends with <boi>)
+        assert len(document.tokens) == grid[0] * grid[1] + 1  # codes + <eoi> (the prompt ends with <boi>)
         check_structure(document.tokens, vocab, 16, 1, starts_in_image=True)
-    picture = np.zeros(GRID, dtype=np.int64)
+    picture = np.zeros(grid, dtype=np.int64)
     answer = sampler.generate([Prompt([picture, "Question: what is there? Answer:"])],
                               config(mode="understanding", max_new_tokens=20), logits_processor=boost(vocab.special.boi, 1000.0))[0]
     assert not any(vocab.in_picture(t) for t in answer.tokens)
@@ -198,8 +144,8 @@ def test_image_and_understanding_modes(vocab):
         sampler.generate([Prompt(["no picture here"])], config(mode="understanding"))
 
 
-def test_bad_inputs_give_clear_errors(vocab):
-    sampler = Sampler(tiny_lm(vocab, max_seq_len=32), vocab, GRID)
+def test_bad_inputs_give_clear_errors(vocab, tiny_lm, config, grid):
+    sampler = Sampler(tiny_lm(vocab, max_seq_len=32), vocab, grid)
     with pytest.raises(ValueError, match="prompt 1 is .* tokens; the model's context is 32"):
         sampler.generate([Prompt(["hi"]), Prompt(["a red circle. " * 20])], config())
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -207,7 +153,7 @@ def test_bad_inputs_give_clear_errors(vocab):
     with pytest.raises(ValueError, match="a picture needs 17 more tokens"):
         sampler.generate([Prompt(["hi"])], config(mode="image", max_new_tokens=10))
     with pytest.raises(ValueError, match="image code out of range"):
-        sampler.generate([Prompt([np.full(GRID, 999), "hi"])], config())
+        sampler.generate([Prompt([np.full(grid, 999), "hi"])], config())
     with pytest.raises(ValueError, match="picture grid is unknown"):
         Sampler(tiny_lm(vocab), vocab, None).generate([Prompt(["hi"])], config(mode="image"))
     with pytest.raises(ValueError, match="text.top_p must be in"):
@@ -216,10 +162,10 @@ def test_bad_inputs_give_clear_errors(vocab):
         config(text={"temprature": 1.0})
 
 
-def test_streaming_events_rebuild_the_document(vocab):
-    sampler = Sampler(tiny_lm(vocab), vocab, GRID)
+def test_streaming_events_rebuild_the_document(vocab, tiny_lm, boost, config, grid, world_prompts):
+    sampler = Sampler(tiny_lm(vocab), vocab, grid)
     events: list[SampleEvent] = []
-    document = sampler.generate([PROMPTS[0]], config(max_new_tokens=80), on_event=events.append,
+    document = sampler.generate([world_prompts[0]], config(max_new_tokens=80), on_event=events.append,
                                 logits_processor=boost(vocab.special.boi, 5.0))[0]
     tokens = [e.token for e in events if e.kind == "token"]
     assert tokens == document.tokens
@@ -233,7 +179,7 @@ def test_streaming_events_rebuild_the_document(vocab):
             texts.append(event.segment.text)
     assert streamed == "".join(texts) == "".join(s.text for s in document.segments if s.kind == "text")
     assert events[-1].kind == "done" and events[-1].document is document
-    assert [s.kind for s in split_segments(document.tokens, vocab, GRID)] == [s.kind for s in document.segments]
+    assert [s.kind for s in split_segments(document.tokens, vocab, grid)] == [s.kind for s in document.segments]
 
 
 def test_logit_filters_and_penalty():
@@ -261,7 +207,7 @@ def test_logit_filters_and_penalty():
     torch.testing.assert_close(counts / 4000, logits[0].softmax(-1), atol=0.03, rtol=0)  # the race samples softmax
 
 
-def test_sample_cli_writes_html_and_refuses_bad_input(lm_data, tiny_run, tmp_path, capsys):
+def test_sample_cli_writes_html_and_refuses_bad_input(lm_data, tiny_run, tmp_path, capsys, tiny_lm):
     from unified_lm.cli import main
     from unified_lm.model.checkpoint import write_model_files
     from unified_lm.tokens.vocab import build_vocabulary
@@ -331,15 +277,15 @@ def test_prompt_file_format(tmp_path):
 
 
 @pytest.mark.parametrize("guidance", ["none", "3way"])
-def test_static_decode_step_gives_the_same_documents(vocab, guidance):
+def test_static_decode_step_gives_the_same_documents(vocab, guidance, tiny_lm, boost, config, grid, world_prompts):
     """The fixed-shape step (what CUDA graphs replay on GPU) run eagerly here: same logits, same documents."""
     model = tiny_lm(vocab)
     settings = config(max_new_tokens=60, guidance={"mode": guidance}, text={"temperature": 1.0, "top_p": 1.0})
     processor = boost(vocab.special.boi, 5.0)
     traces = [SamplerTrace(), SamplerTrace()]
-    dynamic = Sampler(model, vocab, GRID, static=False).generate(PROMPTS, settings, logits_processor=processor,
+    dynamic = Sampler(model, vocab, grid, static=False).generate(world_prompts, settings, logits_processor=processor,
                                                                  trace=traces[0])
-    static = Sampler(model, vocab, GRID, static=True).generate(PROMPTS, settings, logits_processor=processor,
+    static = Sampler(model, vocab, grid, static=True).generate(world_prompts, settings, logits_processor=processor,
                                                                trace=traces[1])
     assert [d.tokens for d in static] == [d.tokens for d in dynamic]
     assert any(d.images for d in static)
