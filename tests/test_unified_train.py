@@ -176,9 +176,9 @@ def test_bf16_weights_train(lm_data, tmp_path):
 
 DIVERGE = textwrap.dedent("""
     import sys, torch
-    from unified_lm.config import preset
-    from unified_lm.packing import PackedDataset
-    from unified_lm.train import Trainer, TrainingDiverged, ensure_launch_env
+    from unified_lm.data.packing import PackedDataset
+    from unified_lm.model.config import preset
+    from unified_lm.train.trainer import Trainer, TrainingDiverged, ensure_launch_env
     ensure_launch_env()
     data, out, ds_config = sys.argv[1:4]
     dataset = PackedDataset(data)
@@ -219,9 +219,9 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(lm_data, tmp_path):
 EXACT_RESUME = textwrap.dedent("""
     import json, shutil, sys
     from pathlib import Path
-    from unified_lm.config import preset
-    from unified_lm.packing import PackedDataset
-    from unified_lm.train import Trainer, ensure_launch_env
+    from unified_lm.data.packing import PackedDataset
+    from unified_lm.model.config import preset
+    from unified_lm.train.trainer import Trainer, ensure_launch_env
     ensure_launch_env()
     data, work = PackedDataset(sys.argv[1]), Path(sys.argv[2])
 
