@@ -103,7 +103,7 @@ def main() -> int:
         return forward
 
     with torch.no_grad():
-        raced = race({"ours": lambda: model(ids).logits, "transformers (eager)": transformers_forward("eager"),
+        raced = race({"ours": lambda: model(ids), "transformers (eager)": transformers_forward("eager"),
                       "transformers (sdpa)": transformers_forward("sdpa")}, repeats + 2)
         ours_logits = raced["ours"][1]
         use_attention(hf, "sdpa")

@@ -16,7 +16,7 @@ from unified_lm.generate.sampler import Sampler
 from unified_lm.generate.sampling import SamplingConfig
 from unified_lm.generate.segments import ContinuousPicture, Prompt
 from unified_lm.model.config import preset
-from unified_lm.model.transformer import UnifiedTransformer
+from unified_lm.model.transformer import Pictures, UnifiedTransformer
 from unified_lm.tokens.vocab import Vocabulary
 from unified_lm.vision.contrastive import encoder_preset
 from vqtok.images import load_rgb, preprocess
@@ -92,12 +92,12 @@ def test_placeholder_splicing_puts_each_feature_at_its_position(lm_data):
     slots[0, 2:6] = torch.arange(4) + 2 * placeholders  # picture 2 in row 0
     slots[1, 10:14] = torch.arange(4)  # picture 0 in row 1, then picture 1 split at the row's end
     slots[1, 18:20] = torch.tensor([4, 5])
-    mask, embeddings = model.picture_features(slots, pixels)
+    mask, embeddings = model.picture_embeddings(Pictures(slots=slots, pixels=pixels))
     features = model.picture_adapter(pixels)
     expected = torch.cat([features[2], features[0], features[1, :2]])
     torch.testing.assert_close(embeddings, expected)
     tokens = torch.randint(0, 300, (2, 20))
-    spliced = model.embed_tokens(tokens, mask, embeddings)
+    spliced = model.embed_tokens(tokens, pictures=Pictures(mask=mask, embeddings=embeddings))
     torch.testing.assert_close(spliced[0, 2:6], features[2])
     torch.testing.assert_close(spliced[1, 18:20], features[1, :2])
     torch.testing.assert_close(spliced[0, :2], model.embed(tokens[0, :2]))  # other positions keep their tokens
@@ -105,13 +105,15 @@ def test_placeholder_splicing_puts_each_feature_at_its_position(lm_data):
 
 def test_placeholder_count_mismatch_is_refused(lm_data):
     model = tiny_picture_model(lm_data.vocab)
-    with pytest.raises(ValueError, match="splice_embeddings must have shape"):
-        model.embed_tokens(torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.bool),
-                           torch.zeros(5, model.config.dim))
+    with pytest.raises(ValueError, match="picture embeddings must have shape"):
+        model.embed_tokens(torch.zeros(1, 8, dtype=torch.long),
+                           pictures=Pictures(mask=torch.ones(1, 8, dtype=torch.bool),
+                                             embeddings=torch.zeros(5, model.config.dim)))
     plain = UnifiedTransformer(preset("tiny").model.__class__(vocab_size=lm_data.vocab.size, dim=64, n_layers=1,
                                                               n_heads=4, n_kv_heads=2, max_seq_len=64))
     with pytest.raises(ValueError, match="no picture encoder"):
-        plain.picture_features(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, 32, 32))
+        plain(torch.zeros(1, 4, dtype=torch.long),
+              pictures=Pictures(slots=torch.zeros(1, 4, dtype=torch.long), pixels=torch.zeros(1, 3, 32, 32)))
 
 
 def test_sampler_reads_continuous_prompt_pictures(lm_data):
@@ -130,7 +132,7 @@ def test_sampler_reads_continuous_prompt_pictures(lm_data):
     tokens = torch.tensor([ids])
     slots = torch.full_like(tokens, -1)
     slots[tokens == vocab.special.image] = torch.arange(PLACEHOLDERS)
-    full = model(tokens, picture_slots=slots, pixels=pixels[None]).logits[0, -1]
+    full = model(tokens, pictures=Pictures(slots=slots, pixels=pixels[None]))[0, -1]
     logits = []
     sampler.generate([prompt], config, logits_processor=lambda x: logits.append(x.clone()) or x)
     torch.testing.assert_close(logits[0][0], full, rtol=1e-5, atol=1e-5)
@@ -164,6 +166,7 @@ def fixed_batch_loss(run: Path, data: Path, initial: bool = False) -> float:
     """The loss on the dataset's first 16 rows of the run's final weights, or of the weights it started from
     (`untrained_model` rebuilds them: seeded init, then train.encoder_run and train.init_from)."""
     from unified_lm.model.checkpoint import load_model
+    from unified_lm.train.engine import micro_batch_loss
     from unified_lm.train.initial import untrained_model
 
     loaded = load_model(run)
@@ -171,7 +174,7 @@ def fixed_batch_loss(run: Path, data: Path, initial: bool = False) -> float:
     dataset = PackedDataset(data)
     batch = dataset.batch(list(range(min(16, len(dataset)))))
     with torch.no_grad():
-        return float(model.eval()(batch.inputs, **batch.model_kwargs()).loss)
+        return float(micro_batch_loss(model.eval(), batch).loss)
 
 
 STAGE = ["--set", "train.steps=6", "--set", "train.checkpoint_every=6", "--set", "train.micro_batch_size=4"]
@@ -246,5 +249,5 @@ def test_a_bf16_model_takes_fp32_pixels(lm_data):
     slots[0, 2:18] = torch.arange(PLACEHOLDERS)
     tokens = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
-        logits = model(tokens, picture_slots=slots, pixels=torch.rand(1, 3, 32, 32) * 2 - 1).logits
+        logits = model(tokens, pictures=Pictures(slots=slots, pixels=torch.rand(1, 3, 32, 32) * 2 - 1))
     assert torch.isfinite(logits).all()

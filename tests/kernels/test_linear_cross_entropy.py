@@ -156,7 +156,7 @@ def test_cpu_dispatch_runs_the_reference(monkeypatch):
 def test_model_loss_and_gradients_through_the_fused_path(monkeypatch):
     """The unified model's loss (mask, per-step denominator, z-loss) is the same through either path."""
     from unified_lm.model.config import ModelConfig
-    from unified_lm.model.transformer import UnifiedTransformer
+    from unified_lm.model.transformer import Targets, UnifiedTransformer
 
     torch.manual_seed(91)
     config = ModelConfig(vocab_size=97, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16,
@@ -168,7 +168,7 @@ def test_model_loss_and_gradients_through_the_fused_path(monkeypatch):
 
     def loss_and_grads():
         model.zero_grad()
-        out = model(tokens, targets=targets, loss_mask=mask, loss_denominator=20.0)
+        out = model(tokens, targets=Targets(targets, mask, denominator=20.0))
         out.loss.backward()
         return out, [p.grad.clone() for p in model.parameters()]
 

@@ -133,7 +133,8 @@ def target_mask(loss, documents):
 
 @dataclass
 class Batch:
-    """Model inputs for one micro-step; every tensor is (B, seq_len) except `pixels`."""
+    """Model inputs for one micro-step; every tensor is (B, seq_len) except `pixels` (the trainer's call of the
+    model on them: `unified_lm.train.engine.micro_batch_loss`)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -149,13 +150,6 @@ class Batch:
     def to(self, device) -> Batch:
         return Batch(*(None if getattr(self, name) is None else getattr(self, name).to(device, non_blocking=True)
                        for name in self.__dataclass_fields__))
-
-    def model_kwargs(self) -> dict:
-        kwargs = {"targets": self.targets, "loss_mask": self.loss_mask, "document_ids": self.document_ids,
-                  "image_targets": self.image_targets, "code_positions": self.code_positions}
-        if self.picture_slots is not None:
-            kwargs.update(picture_slots=self.picture_slots, pixels=self.pixels)
-        return kwargs
 
 
 class PackedDataset:

@@ -311,7 +311,7 @@ class Evaluator:
             characters += len(text)
             for start in range(0, len(ids) - 1, window):
                 chunk = torch.tensor(ids[start : start + window + 1])[None]
-                logits = self.model(chunk[:, :-1]).logits.float()[0]
+                logits = self.model(chunk[:, :-1]).float()[0]
                 nats += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
                 pieces += chunk.shape[1] - 1
         return TaskResult({"perplexity": math.exp(nats / pieces), "bits_per_character": nats / math.log(2) / characters,

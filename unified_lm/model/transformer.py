@@ -14,8 +14,13 @@ Beyond Chameleon: `image_positions` adds a learned embedding of each image code'
 (`code_positions`, from `Vocabulary.code_positions`), as DALL-E did for its image tokens; with 1-D RoPE alone a
 model must count tokens since <boi> to know which part of the picture it is drawing.
 Attention and the loss go through `kernels.attention.attention` and `kernels.linear_cross_entropy` so Triton
-kernels replace them on CUDA without touching this file. The forward also splices embeddings (the continuous
-encoder-adapter path) in at `<image>` placeholder positions.
+kernels replace them on CUDA without touching this file.
+
+Interface: `model(tokens)` -> fp32 logits (B, T, V); `model(tokens, targets=Targets(...))` -> the training loss
+(`ModelOutput`); `model.decode(...)` -> logits of new tokens through a `KVCache`. Packed documents
+(`document_ids`), picture-code places (`code_positions`) and continuous pictures (`Pictures`, spliced in at the
+`<image>` placeholders: the encoder-adapter path) are keywords of each. Nothing here imports DeepSpeed: what
+ZeRO-3 needs of the model is applied from outside, in `unified_lm/train/engine.py`.
 """
 from __future__ import annotations
 
@@ -38,16 +43,55 @@ from unified_lm.model.config import ModelConfig
 
 
 @dataclass
+class Pictures:
+    """Continuous pictures at a batch's `<image>` placeholders, given one of two ways (never both):
+
+    - as pixels: `slots` (B, T), picture * placeholders + patch at each placeholder (-1 elsewhere), and `pixels`
+      (M, 3, S, S) in [-1, 1], which the model's picture adapter encodes (training, evaluation);
+    - as embeddings: `mask` (B, T) bool at the placeholders and `embeddings` (N, dim), one row per placeholder in
+      row-major order, already encoded (the sampler's prefill encodes its prompt pictures one at a time).
+    """
+
+    slots: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+
+    def __post_init__(self):
+        as_pixels = self.slots is not None, self.pixels is not None
+        as_embeddings = self.mask is not None, self.embeddings is not None
+        if any(as_pixels) and any(as_embeddings):
+            raise ValueError("Pictures come either as slots + pixels (encoded by the model) or as mask + embeddings "
+                             "(already encoded), not both")
+        if not (all(as_pixels) or all(as_embeddings)):
+            raise ValueError("Pictures need slots and pixels together, or mask and embeddings together")
+
+
+@dataclass
+class Targets:
+    """What the training loss scores: the next token at each input position, all (B, T) like the tokens."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor | None = None  # which targets count (None: all)
+    in_picture: torch.Tensor | None = None  # which targets are picture tokens, for the per-modality losses
+    # the masked loss sum is divided by this (None: the mask's count); training passes a share of the whole step's
+    # target count, so every target token weighs the same whatever micro-batch or rank it lands in
+    denominator: float | None = None
+    layer_stats: bool = False  # also measure each layer's max |q.k| logit and output RMS (ModelOutput.layer_stats)
+
+
+@dataclass
 class ModelOutput:
-    loss: torch.Tensor | None = None  # scalar: mean over loss-mask tokens of ce + z_loss_weight * log_z^2
-    logits: torch.Tensor | None = None  # (B, T, V), only when no targets are given
-    text_loss: torch.Tensor | None = None  # detached mean ce over non-image targets (NaN when there are none)
-    image_loss: torch.Tensor | None = None  # detached mean ce over image targets
-    z_loss: torch.Tensor | None = None  # detached mean z_loss_weight * log_z^2
-    log_z: torch.Tensor | None = None  # detached mean log Z
-    tokens: torch.Tensor | None = None  # number of loss tokens (text, image) as a (2,) tensor
-    sums: torch.Tensor | None = None  # detached (5,): sums over loss tokens of loss, text ce, image ce, z term, log Z
-    layer_stats: list[dict] = field(default_factory=list)  # per layer: max_qk_logit, output_rms (collect_stats)
+    """The training loss (`model(tokens, targets=...)`) and what the logs report about it."""
+
+    loss: torch.Tensor  # scalar: masked sum of ce + z_loss_weight * log_z^2 over the denominator
+    text_loss: torch.Tensor  # detached mean ce over non-image targets (NaN when there are none)
+    image_loss: torch.Tensor  # detached mean ce over image targets
+    z_loss: torch.Tensor  # detached mean z_loss_weight * log_z^2
+    log_z: torch.Tensor  # detached mean log Z
+    tokens: torch.Tensor  # number of loss tokens (text, image) as a (2,) tensor
+    sums: torch.Tensor  # detached (5,): sums over loss tokens of loss, text ce, image ce, z term, log Z
+    layer_stats: list[dict] = field(default_factory=list)  # per layer: max_qk_logit, output_rms (Targets.layer_stats)
 
 
 @dataclass
@@ -102,6 +146,24 @@ class KVCache:
         self.key_valid[row, : self.length] = False
         self.key_valid[row, keep_slot] = True
 
+    def take_slots(self, valid: torch.Tensor,
+                   slot: torch.Tensor | None = None) -> tuple[int | torch.Tensor, torch.Tensor]:
+        """Slots for new tokens, `valid` (B, T) False at padding: the next T slots (`length` advances), or with
+        `slot` (static shapes: T = 1) that one slot, `length` left to the caller. Returns the first slot and the
+        mask (B, 1, T, S) of the slots each new token attends to."""
+        length = valid.shape[1]
+        if slot is not None:
+            if length != 1:
+                raise ValueError(f"static-shape decoding takes one token per row, got {length}")
+            self.key_valid.index_copy_(1, slot.view(1), valid)
+            return slot, cached_attention_mask(slot, 1, self.key_valid)
+        start = self.length
+        if start + length > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} slots; {start} used, {length} more requested")
+        self.key_valid[:, start : start + length] = valid
+        self.length = start + length
+        return start, cached_attention_mask(start, length, self.key_valid[:, : start + length])
+
 
 @dataclass
 class LayerCache:
@@ -153,8 +215,11 @@ class HeadLayerNorm(nn.Module):
 
 def rope_table(head_dim: int, max_positions: int, theta: float,
                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (max_positions, head_dim / 2), fp32, computed in fp64 from integer positions
-    (float aranges would be cast to bf16 inside DeepSpeed's zero.Init, which breaks positions above 256)."""
+    """cos, sin tables of shape (max_positions, head_dim / 2), fp32, computed in fp64 from integer positions.
+
+    fp64 keeps far positions' angles accurate (in fp32 they are off by ~1e-4 rad at a few thousand tokens), and it
+    is what every trained model saw, so it stays, although no wrapper casts this computation any more (it runs at
+    the first forward, never inside zero.Init)."""
     frequencies = theta ** (-torch.arange(0, head_dim, 2, device=device).double() / head_dim)
     angles = torch.outer(torch.arange(max_positions, device=device).double(), frequencies)
     return angles.cos().float(), angles.sin().float()
@@ -244,28 +309,27 @@ class Block(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """Projection to the vocabulary; with targets it returns the loss from the fused-loss dispatch point.
+    """Projection to the vocabulary: fp32 logits, or with targets the loss from the fused-loss dispatch point.
 
-    A module of its own (rather than a bare matmul with a weight) so that ZeRO-3 gathers the weight around it.
-    Tied embeddings reuse the embedding matrix (ZeRO-3 then needs it registered as an external parameter).
+    The matrix is the head's own weight or, with tied embeddings, the embedding's: a tied head owns no parameter
+    (the matrix keeps one name, embed.weight) and reads the weight of the embedding module the model hands it at
+    each call. The weight is read inside this module's call, not in a bare matmul, because a sharded run gathers
+    weights around module calls (ZeRO-3; unified_lm/train/engine.py registers the tied matrix with the head).
     """
 
-    def __init__(self, dim: int, vocab_size: int, tied_to: nn.Embedding | None):
+    def __init__(self, dim: int, vocab_size: int, tied: bool):
         super().__init__()
-        self.weight = None if tied_to is not None else nn.Parameter(torch.empty(vocab_size, dim))
-        self._tied_to = [tied_to]  # a list: not registered as a submodule, so no duplicate parameters
+        self.weight = None if tied else nn.Parameter(torch.empty(vocab_size, dim))
 
-    @property
-    def matrix(self) -> torch.Tensor:
-        return self.weight if self.weight is not None else self._tied_to[0].weight
-
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, token_weights: torch.Tensor | None = None,
-                z_loss_weight: float = 0.0):
-        """x: (N, dim). Without targets: logits (N, V) fp32. With targets (N,) and token_weights (N,): the fused
-        loss sum_i w_i * (ce_i + z_loss_weight * log_z_i^2) and detached per-token ce, log_z, each (N,) fp32."""
+    def forward(self, x: torch.Tensor, embedding: nn.Embedding, targets: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None, z_loss_weight: float = 0.0):
+        """x: (N, dim); embedding: the model's (a tied head's matrix). Without targets: logits (N, V) fp32. With
+        targets (N,) and token_weights (N,): the fused loss sum_i w_i * (ce_i + z_loss_weight * log_z_i^2) and
+        detached per-token ce, log_z, each (N,) fp32."""
+        matrix = embedding.weight if self.weight is None else self.weight
         if targets is None:
-            return F.linear(x, self.matrix).float()
-        return linear_cross_entropy(x, self.matrix, targets, token_weights, z_loss_weight)
+            return F.linear(x, matrix).float()
+        return linear_cross_entropy(x, matrix, targets, token_weights, z_loss_weight)
 
 
 class UnifiedTransformer(nn.Module):
@@ -277,14 +341,15 @@ class UnifiedTransformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = OutputHead(config.dim, config.vocab_size, self.embed if config.tied_embeddings else None)
+        self.lm_head = OutputHead(config.dim, config.vocab_size, tied=config.tied_embeddings)
         self.code_position_embed = nn.Embedding(config.image_positions, config.dim) if config.image_positions else None
         self.embed_dropout = nn.Dropout(config.dropout)
         # the continuous path: image encoder + MLP adapter whose features fill <image> placeholders
         self.picture_adapter = PictureAdapter(config.picture, config.dim) if config.picture.encoder else None
-        # RoPE tables are a cache, not buffers: precision wrappers (bf16 engines) must never cast them
+        # RoPE tables are a per-device cache, not buffers: `model.to(bfloat16)` (a bf16 engine, bf16 sampling) casts
+        # buffers, and the tables must stay fp32; not being state, they are never saved, partitioned or cast
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.apply(self._init_weights)  # through apply(), so ZeRO-3 gathers each partitioned weight
+        self.apply(self._init_weights)  # Module.apply: a sharded build (zero.Init) gathers each weight around it
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)) or (isinstance(module, OutputHead) and module.weight is not None):
@@ -299,50 +364,47 @@ class UnifiedTransformer(nn.Module):
             self._rope = rope_table(config.head_dim, config.max_seq_len, config.rope_theta, device)
         return self._rope
 
-    def embed_tokens(self, tokens: torch.Tensor, splice_mask: torch.Tensor | None = None,
-                     splice_embeddings: torch.Tensor | None = None,
-                     code_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, dim); rows of `splice_embeddings` (M, dim) replace the M positions of `splice_mask`;
-        code_positions (B, T), each image code's index in its picture (-1 elsewhere; None: no codes), adds the
-        image position embeddings."""
+    def embed_tokens(self, tokens: torch.Tensor, code_positions: torch.Tensor | None = None,
+                     pictures: Pictures | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, dim). code_positions (B, T), each image code's index in its picture (-1 elsewhere;
+        None: no codes), adds the image position embeddings; `pictures` replace the placeholders' embeddings."""
+        splice = None if pictures is None else self.picture_embeddings(pictures)
         h = self.embed(tokens)
         if self.code_position_embed is not None and code_positions is not None:
             inside = (code_positions >= 0)[..., None].to(h.dtype)
             h = h + self.code_position_embed(code_positions.clamp(min=0)) * inside
-        if splice_mask is None:
+        if splice is None:
             return h
-        count = int(splice_mask.sum())
-        if splice_embeddings is None or splice_embeddings.shape != (count, h.shape[-1]):
-            got = None if splice_embeddings is None else tuple(splice_embeddings.shape)
-            raise ValueError(f"splice_embeddings must have shape ({count}, {h.shape[-1]}) for {count} placeholder "
-                             f"positions, got {got}")
-        return h.masked_scatter(splice_mask[..., None], splice_embeddings.to(h.dtype))
+        mask, embeddings = splice
+        count = int(mask.sum())
+        if embeddings.shape != (count, h.shape[-1]):
+            raise ValueError(f"picture embeddings must have shape ({count}, {h.shape[-1]}) for {count} placeholder "
+                             f"positions, got {tuple(embeddings.shape)}")
+        return h.masked_scatter(mask[..., None], embeddings.to(h.dtype))
 
-    def picture_features(self, picture_slots: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The continuous path's splice: picture_slots (B, T), picture * placeholders + patch at each <image>
-        placeholder (-1 elsewhere); pixels (M, 3, S, S) in [-1, 1]. Returns (splice_mask (B, T), embeddings)."""
+    def picture_embeddings(self, pictures: Pictures) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask (B, T), embeddings (N, dim)) for the placeholders: as given, or the picture adapter's features of
+        the pixels, gathered at the slots."""
+        if pictures.pixels is None:
+            return pictures.mask, pictures.embeddings
         if self.picture_adapter is None:
             raise ValueError("the batch holds continuous pictures, but the model has no picture encoder "
                              "(set train.encoder_run, or load a checkpoint trained with one)")
-        features = self.picture_adapter(pixels)  # (M, placeholders, dim)
-        splice_mask = picture_slots >= 0
-        return splice_mask, features.reshape(-1, features.shape[-1])[picture_slots[splice_mask]]
+        features = self.picture_adapter(pictures.pixels)  # (M, placeholders, dim)
+        mask = pictures.slots >= 0
+        return mask, features.reshape(-1, features.shape[-1])[pictures.slots[mask]]
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, image_targets: torch.Tensor | None = None,
-                splice_mask: torch.Tensor | None = None, splice_embeddings: torch.Tensor | None = None,
-                picture_slots: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
-                code_positions: torch.Tensor | None = None, loss_denominator: float | None = None,
-                collect_stats: bool = False) -> ModelOutput:
-        """tokens, targets, loss_mask, document_ids, image_targets, splice_mask, code_positions: (B, T).
+    def forward(self, tokens: torch.Tensor, *, document_ids: torch.Tensor | None = None,
+                code_positions: torch.Tensor | None = None, pictures: Pictures | None = None,
+                targets: Targets | None = None) -> torch.Tensor | ModelOutput:
+        """tokens (B, T) -> fp32 logits (B, T, V); given `targets`, the training loss instead (a `ModelOutput`).
 
-        document_ids=None means one document per row. image_targets marks targets that belong to pictures, for
-        the per-modality losses. The loss is the masked sum divided by `loss_denominator` (default: this batch's
-        target count); training passes a share of the whole step's target count so every target token weighs
-        the same whatever micro-batch or rank it lands in. Without targets, returns logits (B, T, V).
-        Continuous pictures come either as splice_mask + splice_embeddings, or as picture_slots (B, T) + pixels
-        (M, 3, S, S), encoded here by the picture adapter (`picture_features`). code_positions: see `embed_tokens`
-        (needed by models with image_positions whenever the tokens hold image codes).
+        The loss is not computed from logits: the fused head (`kernels.linear_cross_entropy`) takes the hidden
+        states and never holds all (B, T, V) of them. It stays one call because wrappers act on forward: DeepSpeed's
+        engine calls it, and ZeRO-3's hooks gather and release the weights around it.
+        document_ids (B, T): packed documents (None: one per row); attention stays inside each, RoPE restarts.
+        code_positions: see `embed_tokens` (needed by models with image_positions whenever the tokens hold image
+        codes). pictures: continuous pictures at the `<image>` placeholders.
         """
         batch, length = tokens.shape
         if length > self.config.max_seq_len:
@@ -353,9 +415,8 @@ class UnifiedTransformer(nn.Module):
             positions = torch.arange(length, device=tokens.device).expand(batch, length)
         cos_table, sin_table = self.rope(tokens.device)
         cos, sin = cos_table[positions], sin_table[positions]
-        if picture_slots is not None:
-            splice_mask, splice_embeddings = self.picture_features(picture_slots, pixels)
-        x = self.embed_dropout(self.embed_tokens(tokens, splice_mask, splice_embeddings, code_positions))
+        x = self.embed_dropout(self.embed_tokens(tokens, code_positions, pictures))
+        collect_stats = targets is not None and targets.layer_stats
         layer_stats = []
         for layer in self.layers:
             stats = {} if collect_stats else None
@@ -365,23 +426,23 @@ class UnifiedTransformer(nn.Module):
                 layer_stats.append(stats)
         x = self.norm(x)
         if targets is None:
-            return ModelOutput(logits=self.lm_head(x.reshape(batch * length, -1)).view(batch, length, -1),
-                               layer_stats=layer_stats)
-        return self._loss(x, targets, loss_mask, image_targets, loss_denominator, layer_stats)
+            return self.lm_head(x.reshape(batch * length, -1), self.embed).view(batch, length, -1)
+        return self._loss(x, targets, layer_stats)
 
-    def _loss(self, x, targets, loss_mask, image_targets, loss_denominator, layer_stats) -> ModelOutput:
-        flat_targets = targets.reshape(-1)
-        mask = (torch.ones(flat_targets.shape, device=x.device) if loss_mask is None
-                else loss_mask.reshape(-1).float())
+    def _loss(self, x: torch.Tensor, targets: Targets, layer_stats: list[dict]) -> ModelOutput:
+        flat_targets = targets.ids.reshape(-1)
+        mask = (torch.ones(flat_targets.shape, device=x.device) if targets.mask is None
+                else targets.mask.reshape(-1).float())
         count = mask.sum().clamp(min=1.0)
-        token_weights = mask / (count if loss_denominator is None else loss_denominator)
+        token_weights = mask / (count if targets.denominator is None else targets.denominator)
         # The loss (with its gradients) comes from the fused head; ce and log Z come back detached for the stats.
-        loss, ce, log_z = self.lm_head(x.reshape(-1, x.shape[-1]), flat_targets, token_weights,
+        loss, ce, log_z = self.lm_head(x.reshape(-1, x.shape[-1]), self.embed, flat_targets, token_weights,
                                        self.config.z_loss_weight)
         with torch.no_grad():
             z_term = self.config.z_loss_weight * log_z.pow(2)
             loss_sum = ((ce + z_term) * mask).sum()
-            image = torch.zeros_like(mask) if image_targets is None else image_targets.reshape(-1).to(mask.dtype)
+            image = (torch.zeros_like(mask) if targets.in_picture is None
+                     else targets.in_picture.reshape(-1).to(mask.dtype))
             image_mask, text_mask = mask * image, mask * (1 - image)
             sums = torch.stack([loss_sum, (ce * text_mask).sum(), (ce * image_mask).sum(),
                                 (z_term * mask).sum(), (log_z * mask).sum()])
@@ -411,39 +472,30 @@ class UnifiedTransformer(nn.Module):
         slot: static-shape mode for CUDA graphs: one token per row (T = 1) written at cache slot `slot` (a 0-d
         long tensor), attending over the whole cache through the mask; `cache.length` is left to the caller.
         Every shape and address is then the same at every step, so the step can be captured once and replayed.
-        splice_mask / splice_embeddings: continuous pictures in a prompt; code_positions (B, T): the new codes'
-        places in their pictures (see `embed_tokens`).
+        splice_mask / splice_embeddings: continuous pictures in a prompt, already encoded (`Pictures` as mask and
+        embeddings); code_positions (B, T): the new codes' places in their pictures (see `embed_tokens`).
         """
         batch, length = tokens.shape
         if valid is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
-        if slot is None:
-            start = cache.length
-            if start + length > cache.capacity:
-                raise ValueError(f"KV cache holds {cache.capacity} slots; {start} used, {length} more requested")
-            cache.key_valid[:, start : start + length] = valid
-            mask = cached_attention_mask(start, length, cache.key_valid[:, : start + length])
-            cache.length = start + length
-        else:
-            if length != 1:
-                raise ValueError(f"static-shape decoding takes one token per row, got {length}")
-            start = slot
-            cache.key_valid.index_copy_(1, slot.view(1), valid)
-            mask = cached_attention_mask(slot, 1, cache.key_valid)
+        start, mask = cache.take_slots(valid, slot)
         cos_table, sin_table = self.rope(tokens.device)
         positions = positions.clamp(min=0)  # padding positions are unused; keep the table lookup in range
         cos, sin = cos_table[positions], sin_table[positions]
-        x = self.embed_tokens(tokens, splice_mask, splice_embeddings, code_positions)
+        pictures = None
+        if splice_mask is not None or splice_embeddings is not None:
+            pictures = Pictures(mask=splice_mask, embeddings=splice_embeddings)
+        x = self.embed_tokens(tokens, code_positions, pictures)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None, None, LayerCache(cache.keys[index], cache.values[index], start, mask))
         if last_only:
             x, length = x[:, -1:], 1
-        return self.lm_head(self.norm(x).reshape(batch * length, -1)).view(batch, length, -1)
+        return self.lm_head(self.norm(x).reshape(batch * length, -1), self.embed).view(batch, length, -1)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 N + 12 L T d (PaLM appendix B), where N counts the
         weights used in matmuls (every projection and the output head; not the embedding lookup). Computed from
-        the config, so it holds for partitioned (ZeRO-3) parameters too."""
+        the config, so it holds for partitioned (sharded) parameters too."""
         config = self.config
         attention = config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
         feed_forward = 3 * config.dim * config.hidden_dim

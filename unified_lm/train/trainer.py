@@ -45,7 +45,7 @@ from unified_lm.data.packing import PackedDataset, batch_indices
 from unified_lm.model.checkpoint import write_model_files
 from unified_lm.model.config import UnifiedConfig
 from unified_lm.model.transformer import ModelOutput, OutputHead, UnifiedTransformer
-from unified_lm.train.initial import untrained_model
+from unified_lm.train.engine import build_model, micro_batch_loss, parameter_count, wrap, zero_stage
 from unified_lm.train.plot import plot_losses
 from unified_lm.train.resume import check_storable, check_written_by_you, load_resume_state, save_resume_state
 
@@ -239,21 +239,12 @@ class Trainer:
             threads = os.environ.get("OMP_NUM_THREADS", "")
             torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
                                   else max(1, (os.cpu_count() or 1) // local_world))
-        self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
-        if self.zero_stage == 3:  # build partitioned: a model too large for one device never exists whole
-            torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
-                model = UnifiedTransformer(config.model)
-            if config.model.tied_embeddings:  # the output head uses the embedding outside the embedding's forward
-                deepspeed.zero.register_external_parameter(model.lm_head, model.embed.weight)
-        else:
-            model = untrained_model(config)  # seeded: identical initial weights on every rank (+ init_from)
-        if self.zero_stage == 3 and (config.train.init_from or config.train.encoder_run):
-            raise ValueError("train.init_from / train.encoder_run load whole weights: use ZeRO stage 0-2")
+        self.zero_stage = zero_stage(self.ds_config)
+        model = build_model(config, self.ds_config)  # the same weights on every rank; partitioned under ZeRO-3
         freeze_for_stage(model, config)
         check_pictures(model, dataset)
         self.flops_per_token = model.flops_per_token(dataset.seq_len)
-        self.num_parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+        self.num_parameters = parameter_count(model)
         train = config.train
         groups = parameter_groups(model, train.weight_decay, train.lr, train.encoder_lr_scale)
         self.trainable_parameters = sum(p.numel() for group in groups for p in group["params"])
@@ -262,8 +253,7 @@ class Trainer:
         def scheduler(wrapped_optimizer):  # built on DeepSpeed's wrapper: ZeRO-3 regroups the parameters
             return torch.optim.lr_scheduler.LambdaLR(wrapped_optimizer, lambda step: learning_rate_factor(step, config))
 
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=self.ds_config)
+        self.engine = wrap(model, optimizer, scheduler, self.ds_config)
         check_storable(self.engine)  # the resume state must be writable before any step is spent
         self.step = 0
         self.resumed_from: Path | None = None
@@ -402,8 +392,7 @@ class Trainer:
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         for micro_step in range(train.grad_accum_steps):
             batch = self.dataset.batch(self._rows(micro_step, self.rank)).to(self.device)
-            output: ModelOutput = self.engine(batch.inputs, **batch.model_kwargs(), loss_denominator=share,
-                                              collect_stats=collect_stats and micro_step == 0)
+            output = micro_batch_loss(self.engine, batch, share, layer_stats=collect_stats and micro_step == 0)
             finite &= torch.isfinite(output.loss.detach())
             self.engine.backward(output.loss)
             if micro_step == train.grad_accum_steps - 1:

@@ -18,7 +18,7 @@ from unified_lm.eval.evaluate import (
     score_caption,
 )
 from unified_lm.model.config import ModelConfig
-from unified_lm.model.transformer import UnifiedTransformer
+from unified_lm.model.transformer import Targets, UnifiedTransformer
 from unified_lm.tokens.vocab import build_vocabulary
 from unified_lm.world.check import derangement
 from unified_lm.world.corpus import CAPTION_PREFIX, describe, sample_scene
@@ -94,7 +94,7 @@ def test_text_perplexity_matches_the_models_own_loss(text_model):
         for start in range(0, len(ids) - 1, 8):
             chunk = torch.tensor(ids[start : start + 9])[None]
             with torch.no_grad():
-                output = model(chunk[:, :-1], targets=chunk[:, 1:])
+                output = model(chunk[:, :-1], targets=Targets(chunk[:, 1:]))
             count = chunk.shape[1] - 1
             nats += float(output.loss - output.z_loss) * count
             pieces += count

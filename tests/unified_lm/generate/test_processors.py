@@ -188,8 +188,8 @@ def test_kv_cache_restart_row_forgets_all_but_the_kept_slot(vocab, tiny_lm):
     assert cache.key_valid[:, : cache.length].tolist() == [[True] * 4, [True, False, False, False]]
     logits = model.decode(torch.tensor([[13], [30]]), cache, torch.tensor([[4], [1]]))[:, 0]
     # row 0 goes on; row 1 continues from its <bos> alone, positions restarting at 1
-    torch.testing.assert_close(logits[0], model(torch.tensor([[bos, 10, 11, 12, 13]])).logits[0, -1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits[1], model(torch.tensor([[bos, 30]])).logits[0, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0], model(torch.tensor([[bos, 10, 11, 12, 13]]))[0, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[1], model(torch.tensor([[bos, 30]]))[0, -1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="slot 5 is not written"):
         cache.restart_row(0, keep_slot=5)
     cache.advance(3)

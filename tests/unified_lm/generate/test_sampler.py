@@ -73,7 +73,7 @@ def test_cached_logits_equal_full_recomputation(vocab, guidance, tiny_lm, boost,
 
     def full(sequence: list[int]) -> torch.Tensor:
         tokens = torch.tensor([sequence])
-        return model(tokens, code_positions=vocab.code_positions(tokens)).logits[0, -1]
+        return model(tokens, code_positions=vocab.code_positions(tokens))[0, -1]
 
     for row, document in enumerate(documents):
         prompt = sampler.encode_prompt(prompts[row], "interleaved")

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 
 from kernels.attention import attention_reference, document_causal_mask
 from unified_lm.model.config import UnifiedConfig, load_config, preset
-from unified_lm.model.transformer import HeadLayerNorm, UnifiedTransformer, positions_in_documents
+from unified_lm.model.transformer import (
+    HeadLayerNorm,
+    KVCache,
+    Pictures,
+    Targets,
+    UnifiedTransformer,
+    positions_in_documents,
+)
 
 VOCAB = 97
 
@@ -27,11 +34,11 @@ def test_forward_backward_shapes(qk_norm, norm_reordering):
     model = tiny_model(qk_norm=qk_norm, norm_reordering=norm_reordering)
     assert (model.layers[0].attention.q_norm is not None) == qk_norm
     tokens = torch.randint(0, VOCAB, (3, 40))
-    logits = model(tokens).logits
+    logits = model(tokens)
     assert logits.shape == (3, 40, VOCAB)
     code_positions = torch.where(tokens > 60, torch.arange(40).expand(3, 40), -1)  # ids > 60 play picture codes
-    output = model(tokens, targets=tokens.roll(-1, 1), image_targets=tokens > 60, code_positions=code_positions,
-                   collect_stats=True)
+    output = model(tokens, code_positions=code_positions,
+                   targets=Targets(tokens.roll(-1, 1), in_picture=tokens > 60, layer_stats=True))
     assert output.loss.shape == () and torch.isfinite(output.loss)
     output.loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -45,7 +52,7 @@ def test_norm_reordering_changes_the_computation():
     tokens = torch.randint(0, VOCAB, (2, 16))
     plain, reordered = tiny_model(norm_reordering=False), tiny_model(norm_reordering=True)
     reordered.load_state_dict(plain.state_dict())  # same weights, different wiring
-    assert not torch.allclose(plain(tokens).logits, reordered(tokens).logits)
+    assert not torch.allclose(plain(tokens), reordered(tokens))
 
 
 def test_qk_norm_is_layernorm_over_head_dim_with_per_head_affine():
@@ -64,13 +71,13 @@ def test_z_loss_matches_hand_computation():
     targets = torch.randint(0, VOCAB, (2, 12))
     mask = torch.rand(2, 12) > 0.3
     image = targets > 50
-    logits = model(tokens).logits.reshape(-1, VOCAB).double()
+    logits = model(tokens).reshape(-1, VOCAB).double()
     log_z = torch.logsumexp(logits, -1)
     ce = log_z - logits.gather(1, targets.reshape(-1, 1)).squeeze(1)
     flat_mask, flat_image = mask.reshape(-1).double(), image.reshape(-1).double()
     count = flat_mask.sum()
     expected_loss = ((ce + 0.3 * log_z**2) * flat_mask).sum() / count
-    output = model(tokens, targets=targets, loss_mask=mask, image_targets=image)
+    output = model(tokens, targets=Targets(targets, mask, image))
     torch.testing.assert_close(output.loss.double(), expected_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(output.z_loss.double(), (0.3 * log_z**2 * flat_mask).sum() / count, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(output.log_z.double(), (log_z * flat_mask).sum() / count, rtol=1e-5, atol=1e-5)
@@ -87,12 +94,12 @@ def test_loss_denominator_weighs_every_target_token_equally():
     mask = torch.zeros(4, 12, dtype=torch.bool)
     mask[:2, :2] = True  # 4 targets in the first half
     mask[2:, :] = True  # 24 in the second
-    full = model(tokens, targets=targets, loss_mask=mask).loss
+    full = model(tokens, targets=Targets(targets, mask)).loss
     share = mask.sum() / 2
-    halves = [model(tokens[rows], targets=targets[rows], loss_mask=mask[rows], loss_denominator=share).loss
+    halves = [model(tokens[rows], targets=Targets(targets[rows], mask[rows], denominator=share)).loss
               for rows in (slice(0, 2), slice(2, 4))]
     torch.testing.assert_close((halves[0] + halves[1]) / 2, full)
-    naive = [model(tokens[rows], targets=targets[rows], loss_mask=mask[rows]).loss for rows in (slice(0, 2), slice(2, 4))]
+    naive = [model(tokens[rows], targets=Targets(targets[rows], mask[rows])).loss for rows in (slice(0, 2), slice(2, 4))]
     assert not torch.allclose((naive[0] + naive[1]) / 2, full)  # per-micro-batch means would not
 
 
@@ -117,15 +124,15 @@ def test_no_token_attends_to_an_earlier_document():
     perturbed = tokens.clone()
     perturbed[0, :10] = torch.randint(0, VOCAB, (10,))  # change document 1 only
     perturbed[0, 22:] = torch.randint(0, VOCAB, (8,))  # and document 3 (later) only
-    a = model(tokens, document_ids=documents).logits
-    b = model(perturbed, document_ids=documents).logits
+    a = model(tokens, document_ids=documents)
+    b = model(perturbed, document_ids=documents)
     torch.testing.assert_close(a[0, 10:22], b[0, 10:22])  # document 2 sees neither
     assert not torch.allclose(a[0, :10], b[0, :10])
     # and document 2 packed after document 1 equals document 2 alone at the start of a row
-    alone = model(tokens[:, 10:22]).logits
+    alone = model(tokens[:, 10:22])
     torch.testing.assert_close(a[0, 10:22], alone[0], rtol=1e-4, atol=1e-5)
     # without document ids the same row does mix: the check above is not vacuous
-    assert not torch.allclose(model(tokens).logits[0, 10:22], alone[0], atol=1e-4)
+    assert not torch.allclose(model(tokens)[0, 10:22], alone[0], atol=1e-4)
 
 
 def test_attention_reference_mask_and_gqa():
@@ -153,28 +160,68 @@ def test_splice_embeddings_at_placeholders():
     splice[0, 2:5] = True
     splice[1, 7] = True
     vectors = torch.randn(4, model.config.dim, requires_grad=True)
-    embedded = model.embed_tokens(tokens, splice, vectors)
+    embedded = model.embed_tokens(tokens, pictures=Pictures(mask=splice, embeddings=vectors))
     torch.testing.assert_close(embedded[splice], vectors)
     torch.testing.assert_close(embedded[~splice], model.embed(tokens)[~splice])
-    model(tokens, targets=tokens, splice_mask=splice, splice_embeddings=vectors).loss.backward()
+    model(tokens, pictures=Pictures(mask=splice, embeddings=vectors), targets=Targets(tokens)).loss.backward()
     assert vectors.grad is not None and vectors.grad.abs().sum() > 0  # the adapter path trains through it
-    with pytest.raises(ValueError, match=r"splice_embeddings must have shape \(4, 64\)"):
-        model.embed_tokens(tokens, splice, torch.randn(3, model.config.dim))
+    with pytest.raises(ValueError, match=r"picture embeddings must have shape \(4, 64\)"):
+        model.embed_tokens(tokens, pictures=Pictures(mask=splice, embeddings=torch.randn(3, model.config.dim)))
 
 
 def test_dropout_only_in_training_mode():
     model = tiny_model(dropout=0.3)
     tokens = torch.randint(0, VOCAB, (2, 16))
     model.train()
-    assert not torch.allclose(model(tokens).logits, model(tokens).logits)
+    assert not torch.allclose(model(tokens), model(tokens))
     model.eval()
-    torch.testing.assert_close(model(tokens).logits, model(tokens).logits)
+    torch.testing.assert_close(model(tokens), model(tokens))
 
 
 def test_tied_embeddings_share_the_matrix():
     model = tiny_model(tied_embeddings=True)
-    assert model.lm_head.weight is None and model.lm_head.matrix is model.embed.weight
-    assert "lm_head.weight" not in model.state_dict()
+    assert model.lm_head.weight is None and "lm_head.weight" not in model.state_dict()
+    assert sum(p is model.embed.weight for p in model.parameters()) == 1
+    head_inputs = []
+    model.lm_head.register_forward_hook(lambda module, args, out: head_inputs.append(args[0]))
+    tokens = torch.randint(0, VOCAB, (2, 8))
+    logits = model(tokens)
+    torch.testing.assert_close(logits.reshape(-1, VOCAB), F.linear(head_inputs[0], model.embed.weight))
+    model(tokens, targets=Targets(tokens)).loss.backward()  # the loss reaches the embedding through the head too
+    looked_up = torch.zeros(VOCAB, dtype=torch.bool)
+    looked_up[tokens.unique()] = True
+    assert model.embed.weight.grad[~looked_up].abs().sum() > 0  # rows no token looked up: only the head's gradient
+
+
+def test_pictures_come_one_way_at_a_time():
+    """The model's one picture input: pixels at slots or ready embeddings at a mask, refused when both or half."""
+    model = tiny_model()
+    tokens = torch.randint(0, VOCAB, (1, 8))
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 2:4] = True
+    slots = torch.where(mask, torch.arange(8), -1)
+    pixels, embeddings = torch.zeros(1, 3, 32, 32), torch.randn(2, model.config.dim)
+    with pytest.raises(ValueError, match="either as slots \\+ pixels .* or as mask \\+ embeddings .*, not both"):
+        model(tokens, pictures=Pictures(slots=slots, pixels=pixels, mask=mask, embeddings=embeddings))
+    with pytest.raises(ValueError, match="mask and embeddings together"):
+        model(tokens, pictures=Pictures(mask=mask))
+    with pytest.raises(ValueError, match="slots and pixels together"):
+        model(tokens, pictures=Pictures(pixels=pixels))
+    with pytest.raises(TypeError, match="splice_mask"):  # the old second way in is gone
+        model(tokens, splice_mask=mask, splice_embeddings=embeddings)
+    with pytest.raises(ValueError, match="mask and embeddings together"):  # decode keeps its arguments, same check
+        model.decode(tokens, KVCache.allocate(model.config, 1, 8), torch.arange(8)[None], splice_mask=mask)
+    spliced = model(tokens, pictures=Pictures(mask=mask, embeddings=embeddings))
+    assert not torch.allclose(spliced[0, 2:], model(tokens)[0, 2:])  # the pictures change what follows them
+
+
+def test_training_extras_only_with_targets():
+    """Without targets the forward returns logits alone; layer stats are measured only when asked for."""
+    model = tiny_model()
+    tokens = torch.randint(0, VOCAB, (2, 8))
+    assert isinstance(model(tokens), torch.Tensor)
+    assert model(tokens, targets=Targets(tokens)).layer_stats == []
+    assert len(model(tokens, targets=Targets(tokens, layer_stats=True)).layer_stats) == model.config.n_layers
 
 
 @pytest.mark.parametrize("override, message", [
@@ -207,8 +254,6 @@ def test_unknown_config_keys_and_types(tmp_path):
 def test_cached_decoding_equals_full_recomputation(norm_reordering):
     """A batch of left-padded prompts of different lengths, prefilled then decoded token by token through the KV
     cache, gives the logits of a full forward over each row's real tokens alone (fp32, 1e-5)."""
-    from unified_lm.model.transformer import KVCache
-
     model = tiny_model(norm_reordering=norm_reordering).eval()
     lengths, steps = [5, 9, 3], 6
     width = max(lengths)
@@ -223,14 +268,14 @@ def test_cached_decoding_equals_full_recomputation(norm_reordering):
     cache = KVCache.allocate(model.config, 3, width + steps)
     logits = model.decode(prompt, cache, positions, valid)
     for row, n in enumerate(lengths):
-        full = model(sequences[row][None, :n]).logits[0]
+        full = model(sequences[row][None, :n])[0]
         torch.testing.assert_close(logits[row, width - n :], full, rtol=1e-5, atol=1e-5)
     for step in range(steps):
         new = torch.stack([sequences[row][n + step] for row, n in enumerate(lengths)])[:, None]
         step_positions = torch.tensor(lengths)[:, None] + step
         logits = model.decode(new, cache, step_positions)
         for row, n in enumerate(lengths):
-            full = model(sequences[row][None, : n + step + 1]).logits[0, -1]
+            full = model(sequences[row][None, : n + step + 1])[0, -1]
             torch.testing.assert_close(logits[row, 0], full, rtol=1e-5, atol=1e-5)
     assert cache.length == width + steps
     with pytest.raises(ValueError, match="KV cache holds 15 slots"):

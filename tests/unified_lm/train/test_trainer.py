@@ -162,8 +162,8 @@ def test_bf16_weights_train(lm_data, tmp_path, train_unified):
 
 DIVERGE = textwrap.dedent("""
     import sys, torch
-    from unified_lm.model.config import preset
     from unified_lm.data.packing import PackedDataset
+    from unified_lm.model.config import preset
     from unified_lm.train.trainer import Trainer, TrainingDiverged, ensure_launch_env
     ensure_launch_env()
     data, out, ds_config = sys.argv[1:4]
@@ -205,8 +205,8 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(lm_data, tmp_path):
 EXACT_RESUME = textwrap.dedent("""
     import json, shutil, sys
     from pathlib import Path
-    from unified_lm.model.config import preset
     from unified_lm.data.packing import PackedDataset
+    from unified_lm.model.config import preset
     from unified_lm.train.trainer import Trainer, ensure_launch_env
     ensure_launch_env()
     data, work = PackedDataset(sys.argv[1]), Path(sys.argv[2])
@@ -330,32 +330,42 @@ def test_resume_with_another_vocabulary_is_refused(lm_data, tmp_path, train_unif
 
 ZERO3_BUILD = textwrap.dedent("""
     import json, sys, torch
-    import deepspeed
+    from unified_lm.data.packing import Batch
     from unified_lm.model.config import preset
-    from unified_lm.model.transformer import UnifiedTransformer
+    from unified_lm.train.engine import build_model, micro_batch_loss, wrap
+    from unified_lm.train.initial import untrained_model
     from unified_lm.train.trainer import ensure_launch_env, import_deepspeed, parameter_groups
     ensure_launch_env()
-    import_deepspeed(on_cpu=True)
+    deepspeed = import_deepspeed(on_cpu=True)
     deepspeed.init_distributed(dist_backend="gloo")
-    config = preset("tiny").model
-    config.vocab_size, config.n_layers = 300, 4
-    torch.manual_seed(0)
-    plain = UnifiedTransformer(config)
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        partitioned = UnifiedTransformer(config)
+    config = preset("tiny")
+    config.model.vocab_size, config.model.n_layers, config.model.tied_embeddings = 300, 4, True
+    plain = untrained_model(config)
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    bf16 = build_model(config, {**ds_config, "bf16": {"enabled": True}})  # shards made in bf16
     groups = lambda model: [len(g["params"]) for g in parameter_groups(model, 0.1)]
-    with deepspeed.zero.GatheredParameters(list(partitioned.parameters())):
-        o_std = float(partitioned.layers[0].attention.o_proj.weight.float().std())
-        q_std = float(partitioned.layers[0].attention.q_proj.weight.float().std())
-    print(json.dumps({"groups": [groups(plain), groups(partitioned)], "o_std": o_std, "q_std": q_std,
-                      "flops": [plain.flops_per_token(64), partitioned.flops_per_token(64)]}))
+    with deepspeed.zero.GatheredParameters(list(bf16.parameters())):
+        o_std = float(bf16.layers[0].attention.o_proj.weight.float().std())
+        q_std = float(bf16.layers[0].attention.q_proj.weight.float().std())
+    partitioned = build_model(config, ds_config)
+    registered = [p is partitioned.embed.weight for _, p in partitioned.lm_head.ds_external_parameters()]
+    facts = {"groups": [groups(plain), groups(bf16)], "o_std": o_std, "q_std": q_std,
+             "flops": [plain.flops_per_token(64), bf16.flops_per_token(64)], "registered": registered}
+    tokens = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], torch.ones(2, 16, dtype=torch.bool),
+                  torch.ones(2, 16, dtype=torch.long), tokens[:, 1:] > 250, torch.full((2, 16), -1))
+    engine = wrap(partitioned, torch.optim.AdamW(partitioned.parameters()), None, ds_config)
+    with torch.no_grad():
+        facts["losses"] = [float(micro_batch_loss(model, batch).loss) for model in (plain, engine)]
+    print(json.dumps(facts))
 """)
 
 
 @pytest.mark.slow
 def test_zero3_partitioned_build_matches_the_plain_model(tmp_path):
-    """Under zero.Init parameters are 1-D shards: decay groups, depth-scaled init and FLOPs must not depend on it."""
+    """Under zero.Init parameters are 1-D shards: decay groups, depth-scaled init and FLOPs must not depend on it;
+    the engine's build registers the tied matrix with the output head and computes the plain model's loss."""
     script = tmp_path / "zero3_build.py"
     script.write_text(ZERO3_BUILD)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(), timeout=300)
@@ -364,6 +374,26 @@ def test_zero3_partitioned_build_matches_the_plain_model(tmp_path):
     assert facts["groups"][0] == facts["groups"][1] and facts["groups"][0][1] > 0  # norms (incl. QK-norm) not decayed
     assert facts["flops"][0] == facts["flops"][1] > 0
     assert abs(facts["q_std"] - 0.02) < 0.003 and abs(facts["o_std"] - 0.02 / 8**0.5) < 0.002  # 1/sqrt(2 L), L = 4
+    assert facts["registered"] == [True]
+    assert facts["losses"][0] == facts["losses"][1]  # same seed, same weights: partitioning changes nothing
+
+
+def test_zero3_registration_gives_the_head_the_tied_matrix():
+    """The one thing ZeRO-3 must be told about the model from outside: the tied head reads embed.weight."""
+    from dataclasses import replace
+
+    from unified_lm.model.config import preset
+    from unified_lm.model.transformer import UnifiedTransformer
+    from unified_lm.train.engine import register_for_zero3, zero_stage
+
+    untied, tied = (UnifiedTransformer(replace(preset("tiny").model, vocab_size=300, tied_embeddings=tie))
+                    for tie in (False, True))
+    for model in (tied, untied):
+        register_for_zero3(model)
+    registered = [p for _, p in tied.lm_head.ds_external_parameters()]
+    assert len(registered) == 1 and registered[0] is tied.embed.weight
+    assert not hasattr(untied.lm_head, "ds_external_parameters")  # nothing registered without tying
+    assert zero_stage({"zero_optimization": {"stage": 3}}) == 3 and zero_stage({}) == 0
 
 
 @pytest.mark.slow
@@ -397,7 +427,7 @@ def test_caption_dropout_trains_the_unconditional_context(lm_data, tmp_path, ran
     tokens = torch.from_numpy(np.stack([np.concatenate([[special.bos], ids[:-1]]) for ids in held]))  # [<bos>, <boi>, codes]
     targets = torch.from_numpy(np.stack([ids[1:] for ids in held]))  # the 16 codes and <eoi>
     with torch.no_grad():
-        logits = loaded.model(tokens, code_positions=vocab.code_positions(tokens)).logits[:, 1:-1].float()
+        logits = loaded.model(tokens, code_positions=vocab.code_positions(tokens))[:, 1:-1].float()
     picture = torch.from_numpy(vocab.image_mask)
     nats = torch.nn.functional.cross_entropy(logits.masked_fill(~picture, float("-inf")).reshape(-1, vocab.size),
                                              targets[:, :-1].reshape(-1))
