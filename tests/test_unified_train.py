@@ -176,9 +176,9 @@ def test_bf16_weights_train(lm_data, tmp_path):
 
 DIVERGE = textwrap.dedent("""
     import sys, torch
-    from unified_lm.config import preset
-    from unified_lm.packing import PackedDataset
-    from unified_lm.train import Trainer, TrainingDiverged, ensure_launch_env
+    from unified_lm.model.config import preset
+    from unified_lm.data.packing import PackedDataset
+    from unified_lm.train.trainer import Trainer, TrainingDiverged, ensure_launch_env
     ensure_launch_env()
     data, out, ds_config = sys.argv[1:4]
     dataset = PackedDataset(data)
@@ -219,9 +219,9 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(lm_data, tmp_path):
 EXACT_RESUME = textwrap.dedent("""
     import json, shutil, sys
     from pathlib import Path
-    from unified_lm.config import preset
-    from unified_lm.packing import PackedDataset
-    from unified_lm.train import Trainer, ensure_launch_env
+    from unified_lm.model.config import preset
+    from unified_lm.data.packing import PackedDataset
+    from unified_lm.train.trainer import Trainer, ensure_launch_env
     ensure_launch_env()
     data, work = PackedDataset(sys.argv[1]), Path(sys.argv[2])
 
@@ -345,9 +345,9 @@ def test_resume_with_another_vocabulary_is_refused(lm_data, tmp_path):
 ZERO3_BUILD = textwrap.dedent("""
     import json, sys, torch
     import deepspeed
-    from unified_lm.config import preset
-    from unified_lm.model import UnifiedTransformer
-    from unified_lm.train import ensure_launch_env, import_deepspeed, parameter_groups
+    from unified_lm.model.config import preset
+    from unified_lm.model.transformer import UnifiedTransformer
+    from unified_lm.train.trainer import ensure_launch_env, import_deepspeed, parameter_groups
     ensure_launch_env()
     import_deepspeed(on_cpu=True)
     deepspeed.init_distributed(dist_backend="gloo")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -27,6 +26,8 @@ log = logging.getLogger("vqtok")
 
 def cmd_train(args) -> int:
     from runkit.distributed import setup_distributed
+    from runkit.files import atomic_write_text
+    from runkit.runs import RunDirectory
     from runkit.typed_config import parse_overrides
 
     from .config import load_config
@@ -56,10 +57,7 @@ def cmd_train(args) -> int:
     if config.loss.perceptual_weight > 0:
         lpips_model = build_lpips(config.loss.lpips_net, config.loss.lpips_weights)
     if args.restart and context.is_main:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        shutil.rmtree(out / "samples", ignore_errors=True)
-        for stale in ("latest", "log.jsonl", "replicas.json"):
-            (out / stale).unlink(missing_ok=True)
+        RunDirectory(out).restart(files=("replicas.json",), folders=("samples",))
     context.barrier()
     trainer = Trainer(config, out, sources, sample_paths, context, lpips_model)
     if trainer.resume():
@@ -68,7 +66,7 @@ def cmd_train(args) -> int:
         log.info("%s already trained for %d steps; nothing to do", out, trainer.step)
         return 0
     if context.is_main:
-        (out / "config.json").write_text(config.to_json())
+        atomic_write_text(out / "config.json", config.to_json())
     final = trainer.train()
     if context.is_main:
         print(json.dumps(final))
