@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 from runkit.files import atomic_write_text, confined, load_tensors, read_json, tensor_shapes
+from runkit.runs import CHECKPOINT_DIR, checkpoint_name, read_latest, write_latest  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
+# CHECKPOINT_DIR and read_latest (runkit.runs) are also imported from here, where they lived before runkit.runs.
 MANIFEST = "files.json"
 # what a model checkpoint holds at least (the default of `resolve_checkpoint`)
 WEIGHT_FILES = ("model.safetensors", "config.json", "meta.json")
@@ -183,19 +184,6 @@ def checkpoint_dirs(checkpoints: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def read_latest(run_dir: Path) -> str | None:
-    """The checkpoint RUN/latest names (`step_00000300`; vqtok writes `checkpoints/step_00000300`), None without
-    the file; ValueError for anything else (a path leading out of RUN/checkpoints included)."""
-    latest = run_dir / "latest"
-    if not latest.is_file():
-        return None
-    text = latest.read_text(errors="replace").strip()
-    name = text.removeprefix(CHECKPOINT_DIR + "/")
-    if not re.fullmatch(r"step_\d+", name):
-        raise ValueError(f"{latest} holds {text[:80]!r}, not a checkpoint name (step_N)")
-    return name
-
-
 def choose_checkpoint(run_dir: str | os.PathLike, required: Sequence[str]) -> tuple[Path | None, str | None]:
     """The checkpoint of a run to load: the one RUN/latest names when it is complete (note None), else the newest
     complete one, with a note saying what was wrong; (None, note) when none is complete, (None, None) when the
@@ -231,6 +219,50 @@ def prune_checkpoints(checkpoints: Path, keep: int, *requirements: Sequence[str]
     complete = [p for p in folders if any(checkpoint_problem(p, required) is None for required in requirements)]
     for old in [p for p in folders if p not in complete] + complete[: max(0, len(complete) - max(1, keep))]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """An empty RUN/checkpoints/step_N.tmp/ to write the checkpoint of `step` into, then `commit_checkpoint` it:
+    until the rename a crash leaves the previous checkpoints (and `latest`) as they were."""
+    tmp = Path(run_dir) / CHECKPOINT_DIR / f"{checkpoint_name(step)}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(directory: str | os.PathLike, keep: int, *requirements: Sequence[str],
+                      under_checkpoints: bool = False) -> Path:
+    """Finish a checkpoint whose files are all written: files.json (its completeness), a staged step_N.tmp
+    renamed into place (replacing a step_N saved before a resume), RUN/latest pointed at it, then the run's
+    checkpoints pruned to the newest `keep` meeting any of `requirements` (`prune_checkpoints`). A directory
+    written in place (DeepSpeed's, by every rank) gets the same steps but the rename. Returns the checkpoint.
+    `under_checkpoints`: the form of `latest` (runkit.runs.write_latest)."""
+    directory = Path(directory)
+    write_manifest(directory)
+    final = directory.with_name(directory.name.removesuffix(".tmp"))
+    if final != directory:
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(directory, final)
+    write_latest(final.parent.parent, final.name, under_checkpoints)
+    prune_checkpoints(final.parent, keep, *requirements)
+    return final
+
+
+def resume_checkpoint(run_dir: str | os.PathLike, required: Sequence[str], warn: Callable[[str], None],
+                      refusal: Callable[[str], str] | None = None) -> Path | None:
+    """The checkpoint --resume continues from (`choose_checkpoint`; a fallback's note goes to `warn`), None when
+    the run has none. A run whose checkpoints are all incomplete raises FileNotFoundError: `refusal(note)`, by
+    default "cannot resume RUN: NOTE (pass --restart to start over)"."""
+    directory, note = choose_checkpoint(run_dir, required)
+    if directory is None:
+        if note is None:
+            return None
+        raise FileNotFoundError(refusal(note) if refusal else
+                                f"cannot resume {run_dir}: {note} (pass --restart to start over)")
+    if note:
+        warn(note)
+    return directory
 
 
 def resolve_checkpoint(path: str | os.PathLike, required: Sequence[str] = WEIGHT_FILES, kind: str = "vqtok") -> Path:

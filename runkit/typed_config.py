@@ -3,7 +3,8 @@
 Unknown keys are errors (a typo must not silently train the default), and every value is checked against its
 field's declared type (booleans, integers, finite numbers, strings, `X | None`, tuples element by element, free
 dicts); nested dataclasses are built recursively. Every failure is a ValueError naming the field. `out_of_bounds`
-is the shared size check each config's `validate` runs before anything is built from it.
+is the shared size check each config's `validate` runs before anything is built from it. `TypedConfig` gives a
+config dataclass its dict / JSON / overrides methods; `changed_fields` names what differs between two configs.
 """
 from __future__ import annotations
 
@@ -13,8 +14,43 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
+
+
+class TypedConfig:
+    """Methods of a top-level config dataclass (vqtok's VQConfig, unified_lm's UnifiedConfig, the EncoderConfig):
+    to_dict / to_json, from_dict (typed, unknown keys refused, errors naming `CONFIG_NAME`.field) and
+    with_overrides. A mixin without fields, so the dataclass's fields and their order are its own."""
+
+    CONFIG_NAME = "config"  # how errors name the config
+    JSON_SORT_KEYS = False  # to_json's key order: the fields' (vqtok's config.json sorts them)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=self.JSON_SORT_KEYS)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return build_dataclass(cls, data, cls.CONFIG_NAME)
+
+    def with_overrides(self, overrides: dict):
+        """{"model.dim": 512, "train": {"lr": 3e-4}} -> a new config; unknown keys raise ValueError."""
+        return self.from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two config dicts (nested dicts compared field by field)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(prefix + key)
+    return changed
 
 
 def build_dataclass(cls, data: dict, where: str = "config"):

@@ -243,10 +243,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_encoder_train(args) -> int:
-    import shutil
     import time
     from pathlib import Path
 
+    from runkit.runs import RunDirectory
     from runkit.typed_config import load_preset_or_file, parse_overrides
     from unified_lm.train.encoder import EncoderTrainer
     from unified_lm.vision.contrastive import PRESETS, EncoderConfig
@@ -259,15 +259,11 @@ def cmd_encoder_train(args) -> int:
     config = load_preset_or_file(args.preset, PRESETS, EncoderConfig.from_dict, "--preset")
     config = config.with_overrides(overrides).validate()
     out = Path(args.out)
-    if (out / "latest").is_file() and not (args.resume or args.restart):
-        raise ValueError(f"{out} already holds an encoder checkpoint; pass --resume to continue or --restart to "
-                         "start over")
+    RunDirectory(out).refuse_to_overwrite(args.resume, args.restart, "an encoder checkpoint")
     trainer = EncoderTrainer(config, args.world, args.vocab, out, args.pairs, args.device,
                              progress=lambda line: print(line, file=sys.stderr, flush=True))
     if args.restart:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for stale in ("latest", "log.jsonl", "zero_shot.json"):
-            (out / stale).unlink(missing_ok=True)
+        RunDirectory(out).restart(files=("zero_shot.json",))
     if args.resume and trainer.resume():
         print(f"resumed {out} at step {trainer.step}", file=sys.stderr, flush=True)
     print(f"{trainer.num_parameters / 1e6:.2f}M parameters, {len(trainer.data)} captioned pictures, "
@@ -549,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from vqtok.cli import error_line
+    from runkit.commands import error_line
 
     try:
         return args.run(args)

@@ -15,28 +15,26 @@ A checkpoint is written into `step_X.tmp/` and renamed into place, then `latest`
 crash at any moment leaves the previous checkpoint intact and `latest` never points at a partial one. A checkpoint
 damaged afterwards (a file lost or truncated: files.json says so) or a `latest` naming nothing usable is skipped
 with a message for the newest complete checkpoint; pruning never keeps a damaged checkpoint over a good one.
-The rules that choose, check and prune checkpoints are runkit.checkpoints', shared by every trainer.
+The rules that write, choose, check and prune checkpoints are runkit.checkpoints', shared by every trainer.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from runkit.checkpoints import (
-    CHECKPOINT_DIR,
     WRONG_KIND,
     build_with_weights,
+    commit_checkpoint,
     config_kind,
-    prune_checkpoints,
     resolve_checkpoint,
-    write_manifest,
+    staging_dir,
 )
-from runkit.files import atomic_write_text, file_sha256, read_json
+from runkit.files import file_sha256, read_json
 
 from .config import VQConfig
 
@@ -46,11 +44,7 @@ RESUME_FILES = TOKENIZER_FILES + ("trainer.safetensors", "trainer.json")  # and 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str, torch.Tensor], config: VQConfig,
                     trainer_tensors: dict[str, torch.Tensor], trainer_meta: dict, meta: dict, keep: int = 2) -> Path:
-    run_dir = Path(run_dir)
-    final = run_dir / CHECKPOINT_DIR / f"step_{step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(run_dir, step)
     save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
     save_file(trainer_tensors, tmp / "trainer.safetensors")
     (tmp / "config.json").write_text(config.to_json())
@@ -59,13 +53,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
                 "downsample_factor": config.model.downsample_factor, "resolution": config.model.resolution,
                 "weights_sha256": file_sha256(tmp / "model.safetensors")}
     (tmp / "meta.json").write_text(json.dumps({"step": step, "tokenizer": identity, **meta}, indent=2))
-    write_manifest(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(run_dir / "latest", f"{CHECKPOINT_DIR}/{final.name}\n")
-    prune_checkpoints(run_dir / CHECKPOINT_DIR, keep, RESUME_FILES)
-    return final
+    # vqtok's `latest` keeps the form it has always had, checkpoints/step_N (runkit.runs.write_latest)
+    return commit_checkpoint(tmp, keep, RESUME_FILES, under_checkpoints=True)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, VQConfig, dict]:

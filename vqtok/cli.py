@@ -17,16 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import traceback
 from pathlib import Path
+
+from runkit.commands import error_line
 
 log = logging.getLogger("vqtok")
 
 
 def cmd_train(args) -> int:
     from runkit.distributed import setup_distributed
+    from runkit.files import atomic_write_text
+    from runkit.runs import RunDirectory
     from runkit.typed_config import parse_overrides
 
     from .config import load_config
@@ -56,10 +59,7 @@ def cmd_train(args) -> int:
     if config.loss.perceptual_weight > 0:
         lpips_model = build_lpips(config.loss.lpips_net, config.loss.lpips_weights)
     if args.restart and context.is_main:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        shutil.rmtree(out / "samples", ignore_errors=True)
-        for stale in ("latest", "log.jsonl", "replicas.json"):
-            (out / stale).unlink(missing_ok=True)
+        RunDirectory(out).restart(files=("replicas.json",), folders=("samples",))
     context.barrier()
     trainer = Trainer(config, out, sources, sample_paths, context, lpips_model)
     if trainer.resume():
@@ -68,7 +68,7 @@ def cmd_train(args) -> int:
         log.info("%s already trained for %d steps; nothing to do", out, trainer.step)
         return 0
     if context.is_main:
-        (out / "config.json").write_text(config.to_json())
+        atomic_write_text(out / "config.json", config.to_json())
     final = trainer.train()
     if context.is_main:
         print(json.dumps(final))
@@ -202,19 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         teardown_distributed()
-
-
-def error_line(err: BaseException) -> str:
-    """One line for a failure at the command boundary. Bad input is refused by checks that name the file or
-    field (ValueError, FileNotFoundError); MemoryError and RuntimeError (torch's allocator failures among them)
-    should no longer come from input, since sizes are checked before allocating, but still end in one line."""
-    if isinstance(err, MemoryError):
-        return f"out of memory ({err or 'MemoryError'}): the configuration or input asks for more than this machine has"
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    if isinstance(err, (ValueError, OSError, KeyError)):
-        return text
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"{type(err).__name__}: {first}"
 
 
 if __name__ == "__main__":

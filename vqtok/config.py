@@ -7,11 +7,10 @@ codebook 8192 x 256, base channels 128, channel multipliers (1, 1, 2, 2, 4) i.e.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from runkit.typed_config import apply_overrides, build_dataclass, load_preset_or_file, out_of_bounds
+from runkit.typed_config import TypedConfig, load_preset_or_file, out_of_bounds
 
 # Sizes a config may ask for, checked before anything is built from it: a crafted checkpoint's config.json fails
 # here, not in the allocator (Chameleon's tokenizer: 512 px, 5 levels, codebook 8192 x 256).
@@ -134,26 +133,14 @@ class TrainConfig:
 
 
 @dataclass
-class VQConfig:
+class VQConfig(TypedConfig):
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> VQConfig:
-        return build_dataclass(cls, data, "config")
-
-    def with_overrides(self, overrides: dict) -> VQConfig:
-        """Apply nested overrides such as {"train": {"lr": 3e-4}} or {"train.lr": 3e-4}; unknown keys are errors."""
-        return VQConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+    JSON_SORT_KEYS = True  # config.json lists the fields sorted (TypedConfig: to_dict, to_json, from_dict, with_overrides)
 
     def validate(self) -> VQConfig:
         m, q, t = self.model, self.quantizer, self.train

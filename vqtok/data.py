@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from runkit.batches import epoch_permutation
+
 from .images import BadImageError, list_images, load_rgb, preprocess, resize_shorter_side, to_tensor
 
 log = logging.getLogger(__name__)
@@ -276,7 +278,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
         if cached is None or cached[0] != epoch:
             # One source keeps its historical seeding, so single-source runs draw the same batches as before.
             key = [self.seed, epoch] if len(self.sizes) == 1 else [self.seed, epoch, 1 + source]
-            cached = (epoch, np.random.default_rng(key).permutation(self.sizes[source]))
+            cached = (epoch, epoch_permutation(self.sizes[source], key))
             self._perms[source] = cached
         return cached[1]
 

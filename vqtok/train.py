@@ -20,9 +20,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from runkit.checkpoints import choose_checkpoint, flatten_optimizer, load_weights, restore_optimizer
+from runkit.checkpoints import flatten_optimizer, load_weights, restore_optimizer, resume_checkpoint
 from runkit.distributed import DistributedContext
 from runkit.files import atomic_write_text, load_tensors, read_json
+from runkit.runs import RunDirectory
+from runkit.schedules import Schedule
 
 from . import losses
 from .checkpoint import RESUME_FILES, save_checkpoint, untrained_tokenizer
@@ -38,12 +40,8 @@ KMEANS_MAX_DISTANCES = 1 << 26  # k-means (quantizer.kmeans_plus_plus) holds a (
 
 
 def learning_rate(config: VQConfig, step: int) -> float:
-    train = config.train
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine)
+    """lr of optimizer step `step` (0-based): linear warm-up, then cosine down to lr * min_lr_ratio."""
+    return Schedule.of(config.train).lr(step, config.train.lr)
 
 
 class Trainer:
@@ -55,11 +53,13 @@ class Trainer:
                              "reconstructs pictures)")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = RunDirectory(self.run_dir)
         self.context = context
         self.device = context.device
         self.model = untrained_tokenizer(config).to(self.device)
         self.discriminator = self._build_discriminator()
         self.lpips = lpips_model.to(self.device) if lpips_model is not None else None
+        # one group, decay on every parameter: vqtok's rule (the others split off norms and biases, runkit.optim)
         self.optimizer = self._adamw(self.model.parameters(), config.train.lr)
         self.disc_optimizer = (self._adamw(self.discriminator.parameters(), config.train.discriminator_lr or config.train.lr)
                                if self.discriminator is not None else None)
@@ -243,8 +243,7 @@ class Trainer:
                       usage_window_tokens=stats["tokens"], seconds_per_step=round(seconds_per_step, 4),
                       images_per_second=round(self.config.train.batch_size * self.context.world_size / max(seconds_per_step, 1e-9), 2))
         if self.context.is_main:
-            with open(self.run_dir / "log.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self.run.append_log(record)
             log.info("step %d loss %.4f rec %.4f psnr %.2f usage %.1f%% ppl %.0f %.2fs/step", self.step, record["loss"],
                      record["loss_reconstruction"], record["psnr"], 100 * record["codebook_usage"],
                      record["code_perplexity"], seconds_per_step)
@@ -287,13 +286,9 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from the run's checkpoint (the one RUN/latest names, or the newest complete one when that is
         damaged, with a warning); returns whether a checkpoint was loaded."""
-        directory, note = choose_checkpoint(self.run_dir, RESUME_FILES)
+        directory = resume_checkpoint(self.run_dir, RESUME_FILES, lambda note: log.warning("%s", note))
         if directory is None:
-            if note:
-                raise FileNotFoundError(f"cannot resume {self.run_dir}: {note} (pass --restart to start over)")
             return False
-        if note:
-            log.warning("%s", note)
         saved = VQConfig.from_dict(read_json(directory / "config.json"))
         if (saved.model, saved.quantizer) != (self.config.model, self.config.quantizer):
             raise ValueError(f"cannot resume {self.run_dir}: its model/quantizer config differs from the requested one "
@@ -312,18 +307,10 @@ class Trainer:
             self.discriminator.load_state_dict({k[len("discriminator."):]: v for k, v in tensors.items() if k.startswith("discriminator.")})
             restore_optimizer(self.disc_optimizer, "disc_optimizer", tensors, meta["disc_optimizer"])
         self.step = read_json(directory / "meta.json")["step"]
-        self._truncate_log()
+        if self.context.is_main:  # drop log rows written after the checkpoint, so no step appears twice
+            self.run.truncate_log(self.step)
         log.info("resumed %s at step %d", directory, self.step)
         return True
-
-    def _truncate_log(self) -> None:
-        """Drop log rows written after the checkpoint we resume from, so no step appears twice."""
-        path = self.run_dir / "log.jsonl"
-        if not self.context.is_main or not path.exists():
-            return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line).get("step", 0) <= self.step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _check_replicas_in_sync(self) -> None:
         """DDP should keep every replica identical; verify it cheaply before writing rank 0's copy."""

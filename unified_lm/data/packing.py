@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runkit.batches import walk_rows
 from runkit.files import atomic_write_text, confined, read_json
 from unified_lm.data.pictures import PIXELS_FILE, open_pixels
 from unified_lm.tokens.documents import EncodedDocument
@@ -269,26 +270,10 @@ def batch_indices(step: int, micro_step: int, rank: int, world_size: int, micro_
     """Rows of one micro-batch: a pure function of (step, micro_step, rank), so resuming is exact.
 
     Each epoch is a seeded permutation of all rows; global position p = ((step * accum + micro_step) * world
-    + rank) * micro_batch + i walks through the concatenated epochs.
+    + rank) * micro_batch + i walks through the concatenated epochs (runkit.batches.walk_rows).
     """
     first = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size
-    indices = []
-    for position in range(first, first + micro_batch_size):
-        epoch, offset = divmod(position, num_rows)
-        indices.append(int(_epoch_order(seed, epoch, num_rows)[offset]))
-    return indices
-
-
-_ORDER_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def _epoch_order(seed: int, epoch: int, num_rows: int) -> np.ndarray:
-    key = (seed, epoch, num_rows)
-    if key not in _ORDER_CACHE:
-        if len(_ORDER_CACHE) > 4:
-            _ORDER_CACHE.clear()
-        _ORDER_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(num_rows)
-    return _ORDER_CACHE[key]
+    return walk_rows(first, micro_batch_size, num_rows, seed).tolist()
 
 
 def _count(value, minimum: int) -> bool:

@@ -13,10 +13,9 @@ Overrides (`--set model.n_layers=8`, or a JSON file {"preset": "small", ...}) re
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from runkit.typed_config import apply_overrides, build_dataclass, load_preset_or_file, out_of_bounds
+from runkit.typed_config import TypedConfig, build_dataclass, load_preset_or_file, out_of_bounds
 
 # Sizes a config may ask for, checked before anything is built from it (a crafted checkpoint's config.json must
 # fail here, not in the allocator): generous for real models (Chameleon-34B has 48 layers, width 8192).
@@ -99,24 +98,12 @@ class TrainConfig:
 
 
 @dataclass
-class UnifiedConfig:
+class UnifiedConfig(TypedConfig):
     name: str = "small"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> UnifiedConfig:
-        return build_dataclass(cls, data, "config")
-
-    def with_overrides(self, overrides: dict) -> UnifiedConfig:
-        """{"model.dim": 512, "train": {"lr": 3e-4}} -> a new config; unknown keys raise ValueError."""
-        return UnifiedConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+    # to_dict, to_json, from_dict, with_overrides: TypedConfig's
 
     def validate(self) -> UnifiedConfig:
         model, train = self.model, self.train

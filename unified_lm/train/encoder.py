@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -48,19 +46,23 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from runkit.batches import walk_rows
 from runkit.checkpoints import (
-    choose_checkpoint,
+    commit_checkpoint,
     flatten_optimizer,
     load_weights,
-    prune_checkpoints,
     restore_optimizer,
-    write_manifest,
+    resume_checkpoint,
+    staging_dir,
 )
 from runkit.files import atomic_write_text, file_sha256, load_tensors, read_json, read_jsonl
+from runkit.optim import decay_groups, weight_ids
+from runkit.runs import RunDirectory, latest_text
+from runkit.schedules import Schedule
+from runkit.typed_config import changed_fields
 from unified_lm.tokens.documents import check_keys, unicode_text
 from unified_lm.tokens.vocab import Vocabulary
 from unified_lm.vision.contrastive import (
-    CHECKPOINT_DIR,
     ENCODER_FILES,
     ContrastiveModel,
     EncoderConfig,
@@ -145,12 +147,7 @@ class PairData:
 
 def batch_indices(step: int, batch_size: int, count: int, seed: int) -> np.ndarray:
     """Rows of step `step`: positions step*B .. step*B+B-1 of epoch permutations seeded by (seed, epoch)."""
-    epochs, offsets = np.divmod(np.arange(step * batch_size, (step + 1) * batch_size), count)
-    rows = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        chosen = epochs == epoch
-        rows[chosen] = np.random.default_rng([seed, int(epoch)]).permutation(count)[offsets[chosen]]
-    return rows
+    return walk_rows(step * batch_size, batch_size, count, seed)
 
 
 # -----------------------------------------------------------------------------
@@ -158,22 +155,16 @@ def batch_indices(step: int, batch_size: int, count: int, seed: int) -> np.ndarr
 
 def learning_rate(config: EncoderConfig, step: int) -> float:
     """lr of optimizer step `step` (0-based): linear warm-up, then cosine down to lr * min_lr_ratio."""
-    train = config.train
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
-    return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return Schedule.of(config.train).lr(step, config.train.lr)
 
 
 def parameter_groups(model: ContrastiveModel, train: EncoderTrainConfig) -> list[dict]:
     """Weight decay on Linear/Conv2d/Embedding weights; none on norms, biases and position tables; the
     log-temperature and bias in a third group, without decay, at lr * scalar_lr_scale."""
-    matrices = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)
-    decayed = {id(m.weight) for m in model.modules() if isinstance(m, matrices)}
+    decayed = weight_ids(model, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding))
     scalars = [p for p in (model.log_temperature, model.bias) if p.requires_grad]
     rest = [p for p in model.parameters() if p.requires_grad and all(p is not s for s in scalars)]
-    return [{"params": [p for p in rest if id(p) in decayed], "weight_decay": train.weight_decay, "lr_scale": 1.0},
-            {"params": [p for p in rest if id(p) not in decayed], "weight_decay": 0.0, "lr_scale": 1.0},
+    return [*decay_groups(rest, decayed, train.weight_decay, lr_scale=1.0),
             {"params": scalars, "weight_decay": 0.0, "lr_scale": train.scalar_lr_scale}]
 
 
@@ -185,6 +176,7 @@ class EncoderTrainer:
         self.vocab = Vocabulary.load(vocab_dir)
         self.config = config.for_vocabulary(self.vocab).validate()
         self.out = Path(out)
+        self.run = RunDirectory(self.out)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress or (lambda line: None)
         examples = captioned_pairs(self.world_dir, "train") + (read_pairs_file(pairs) if pairs else [])
@@ -256,30 +248,23 @@ class EncoderTrainer:
                   "bias": round(float(self.model.bias.detach()), 4), "lr": learning_rate(self.config, self.step - 1),
                   "grad_norm": round(norms[-1], 4),
                   "images_per_s": round(len(losses) * self.config.train.batch_size / max(seconds, 1e-9), 1)}
-        with open(self.out / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.run.append_log(record)
         self.progress(f"step {self.step:6d} loss {record['loss']:.4f} t {record['temperature']:.2f} "
                       f"b {record['bias']:.2f} lr {record['lr']:.2e} {record['images_per_s']:.0f} img/s")
         return record
 
     def _log_zero_shot(self) -> None:
         result = zero_shot(self.model, self.vocab, self.world_dir, "heldout", self.device)
-        with open(self.out / "log.jsonl", "a") as handle:
-            handle.write(json.dumps({"step": self.step, "zero_shot": result}) + "\n")
+        self.run.append_log({"step": self.step, "zero_shot": result})
         self.progress(f"step {self.step:6d} zero-shot colour+shape {result['colour_shape']['accuracy']:.3f} "
                       f"(chance {result['colour_shape']['chance']:.3f})")
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _latest_name(self) -> str:
-        latest = self.out / "latest"
-        return latest.read_text().strip() if latest.is_file() else "none"
+        return latest_text(self.out) or "none"
 
     def save(self, loss: float | None = None) -> Path:
-        tag = f"step_{self.step:08d}"
-        final = self.out / CHECKPOINT_DIR / tag
-        tmp = final.with_name(tag + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = staging_dir(self.out, self.step)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                   tmp / "model.safetensors")
         tensors, description = flatten_optimizer(self.optimizer, "optimizer")
@@ -291,31 +276,21 @@ class EncoderTrainer:
                 "data": self.data.identity, "world": str(self.world_dir.resolve()), "parameters": self.num_parameters,
                 "weights_sha256": file_sha256(tmp / "model.safetensors")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        write_manifest(tmp)
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(self.out / "latest", tag + "\n")
-        prune_checkpoints(self.out / CHECKPOINT_DIR, self.config.train.keep_checkpoints, RESUME_FILES)
-        return final
+        return commit_checkpoint(tmp, self.config.train.keep_checkpoints, RESUME_FILES)
 
     def resume(self) -> bool:
         """Continue from the run's checkpoint (RUN/latest's, or the newest complete one when that is damaged,
         with a message); same model, data, vocabulary and batch order required."""
-        directory, note = choose_checkpoint(self.out, RESUME_FILES)
+        directory = resume_checkpoint(self.out, RESUME_FILES, lambda note: self.progress(f"warning: {note}"))
         if directory is None:
-            if note:
-                raise FileNotFoundError(f"cannot resume {self.out}: {note} (pass --restart to start over)")
             return False
-        if note:
-            self.progress(f"warning: {note}")
         meta = read_json(directory / "meta.json")
         if meta.get("vocab_fingerprint") != self.vocab.fingerprint:
             raise ValueError(f"--resume of {self.out}: the run was trained with vocabulary "
                              f"{meta.get('vocab_fingerprint')}, --vocab is {self.vocab.fingerprint}; the ids would "
                              "mean different pieces")
         saved = read_encoder_config(directory)
-        changed = _changed_fields(saved.to_dict(), self.config.to_dict())
+        changed = changed_fields(saved.to_dict(), self.config.to_dict())
         changed = [name for name in changed if name.removeprefix("train.") not in RESUMABLE_CHANGES]
         if changed:
             raise ValueError(f"--resume of {self.out}: the config differs from the run's {directory / 'config.json'} "
@@ -327,33 +302,8 @@ class EncoderTrainer:
         restore_optimizer(self.optimizer, "optimizer", load_tensors(directory / "optimizer.safetensors"),
                           read_json(directory / "optimizer.json"))
         self.step = int(meta["step"])
-        self._truncate_log()
+        self.run.truncate_log(self.step)  # drop the log lines written after this checkpoint
         return True
-
-    def _truncate_log(self) -> None:
-        """Drop log lines written after the checkpoint the run resumes from (and lines torn by the interruption)."""
-        path = self.out / "log.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines(keepends=True):
-            try:
-                if line.endswith("\n") and json.loads(line)["step"] <= self.step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-        atomic_write_text(path, "".join(kept))
-
-
-def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_fields(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(prefix + key)
-    return changed
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Every training checkpoint holds, beside the shareable model.safetensors and Deep
 one pair of files per rank:
 
     RUN/checkpoints/step_N/resume/rank00000.safetensors   the tensors of this rank's state
-    RUN/checkpoints/step_N/resume/rank00000.json          the structure around them (vqtok.checkpoint.pack_state)
+    RUN/checkpoints/step_N/resume/rank00000.json          the structure around them (runkit.checkpoints.pack_state)
 
 The state of a rank: DeepSpeed's optimizer state dict (under ZeRO this rank's partition: the fp32 master weights,
 AdamW's moments and step; without ZeRO torch's AdamW state), the lr schedule, DeepSpeed's step counters, the

@@ -22,7 +22,7 @@ Run directory:
 The batch of every step is a pure function of the step number (`packing.batch_indices`) and the dropout RNG is
 re-seeded from (seed, step, rank), so `--resume` continues exactly: same data position, same next loss. A
 checkpoint that `latest` names but that is incomplete or damaged is skipped, with a message, for the newest
-complete one (vqtok.checkpoint.choose_checkpoint); pruning deletes damaged checkpoints, never the good ones.
+complete one (runkit.checkpoints.choose_checkpoint); pruning deletes damaged checkpoints, never the good ones.
 """
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runkit.checkpoints import checkpoint_dirs, checkpoint_problem, choose_checkpoint, prune_checkpoints, write_manifest
+from runkit.checkpoints import checkpoint_dirs, checkpoint_problem, commit_checkpoint, resume_checkpoint
 from runkit.distributed import free_port
-from runkit.files import atomic_write_text, read_json
+from runkit.files import read_json
+from runkit.optim import decay_groups, weight_ids
+from runkit.runs import CHECKPOINT_DIR, RunDirectory, checkpoint_name, latest_text
+from runkit.schedules import Schedule
 from unified_lm.data.packing import PackedDataset, batch_indices
 from unified_lm.model.checkpoint import write_model_files
 from unified_lm.model.config import UnifiedConfig
@@ -51,7 +54,6 @@ from unified_lm.train.resume import check_storable, check_written_by_you, load_r
 
 log = logging.getLogger("unified_lm")
 
-CHECKPOINT_DIR = "checkpoints"
 RESUME_FILES = ("model.safetensors", "config.json", "resume/rank*.json", "resume/rank*.safetensors")  # --resume
 DEEPSPEED_FILES = ("model.safetensors", "*model_states.pt", "*.pt")  # --resume-trust-deepspeed
 # Dense bf16 tensor-core peak per GPU, FLOP/s, for the MFU estimate (vendor datasheets, without sparsity).
@@ -124,16 +126,9 @@ def resolve_deepspeed_config(path: str | None, train: UnifiedConfig, world_size:
 
 
 def learning_rate_factor(step: int, config: UnifiedConfig) -> float:
-    """Multiplier of train.lr at optimizer step `step` (0-based)."""
-    train = config.train
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
-    if train.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
-    if train.schedule == "chameleon":  # exponential decay from the peak down to min_lr_ratio at the last step
-        return train.min_lr_ratio ** progress
-    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Multiplier of train.lr at optimizer step `step` (0-based): linear warm-up, then train.schedule (cosine,
+    chameleon's exponential decay, or constant) down to min_lr_ratio (runkit.schedules)."""
+    return Schedule.of(config.train).factor(step)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.0,
@@ -142,17 +137,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float = 1.
     per-head (H, D) affines). Chosen by module type, not tensor rank: ZeRO-3 partitions parameters to 1-D.
     Frozen parameters (requires_grad False) are left out, so they get no optimizer state; the picture path's
     image encoder gets lr * encoder_lr_scale."""
-    decayed = {id(m.weight) for m in model.modules()
-               if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, OutputHead)) and m.weight is not None}
+    decayed = weight_ids(model, (torch.nn.Linear, torch.nn.Embedding, OutputHead))  # not the ViT's Conv2d
     adapter = getattr(model, "picture_adapter", None)
     encoder = {id(p) for p in adapter.encoder.parameters()} if adapter is not None else set()
     groups = []
     for in_encoder, scale in ((False, 1.0), (True, encoder_lr_scale)):
         trained = [p for p in model.parameters() if p.requires_grad and (id(p) in encoder) == in_encoder]
-        for decay in (True, False):
-            params = [p for p in trained if (id(p) in decayed) == decay]
-            if params:
-                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale})
+        groups += [group for group in decay_groups(trained, decayed, weight_decay, lr=lr * scale) if group["params"]]
     if not groups:
         raise ValueError("every parameter is frozen: nothing to train")
     return groups
@@ -279,24 +270,20 @@ class Trainer:
                 "grad_accum_steps": train.grad_accum_steps, "seed": train.seed, **self.dataset.identity}
 
     # -- checkpoints --------------------------------------------------------------------------------------------
+    @property
+    def run(self) -> RunDirectory:
+        return RunDirectory(self.out)
+
     def resume(self, trust_deepspeed: bool = False) -> bool:
         """Continue from the run's checkpoint: the one RUN/latest names, or, when that one is incomplete or
         damaged, the newest complete one (with a message). Reads the run's own resume state (resume.py; nothing
         unpickled) unless trust_deepspeed, which loads DeepSpeed's pickled checkpoint instead, from files you own.
         Returns whether a checkpoint was loaded."""
         required = DEEPSPEED_FILES if trust_deepspeed else RESUME_FILES
-        directory, note = choose_checkpoint(self.out, required)
+        directory = resume_checkpoint(self.out, required, self._warn,
+                                      lambda note: f"--resume of {self.out}: {note}{self._resume_hint(trust_deepspeed)}")
         if directory is None:
-            if note is None:
-                return False
-            hint = ""
-            if not trust_deepspeed and any(checkpoint_problem(d, DEEPSPEED_FILES) is None
-                                           for d in checkpoint_dirs(self.out / CHECKPOINT_DIR)):
-                hint = (" (checkpoints from before the resume state hold only DeepSpeed's pickled state: pass "
-                        "--resume-trust-deepspeed if you wrote them yourself)")
-            raise FileNotFoundError(f"--resume of {self.out}: {note}{hint}")
-        if note and self.rank == 0:
-            print(f"[train] warning: {note}", flush=True)
+            return False
         if trust_deepspeed:
             check_written_by_you(directory)
             load_path, saved = self.engine.load_checkpoint(str(self.out / CHECKPOINT_DIR), tag=directory.name)
@@ -314,12 +301,24 @@ class Trainer:
         self.step = int(saved["step"])
         self.resumed_from = directory
         if self.rank == 0:  # drop log lines written after this checkpoint by the interrupted run
-            self._truncate_log(self.step)
+            self.run.truncate_log(self.step)
         return True
 
+    def _warn(self, note: str) -> None:
+        if self.rank == 0:
+            print(f"[train] warning: {note}", flush=True)
+
+    def _resume_hint(self, trust_deepspeed: bool) -> str:
+        """Why --resume found no checkpoint it can use, when --resume-trust-deepspeed would."""
+        if not trust_deepspeed and any(checkpoint_problem(d, DEEPSPEED_FILES) is None
+                                       for d in checkpoint_dirs(self.run.checkpoints)):
+            return (" (checkpoints from before the resume state hold only DeepSpeed's pickled state: pass "
+                    "--resume-trust-deepspeed if you wrote them yourself)")
+        return ""
+
     def save(self) -> Path:
-        tag = f"step_{self.step:08d}"
-        directory = self.out / CHECKPOINT_DIR / tag
+        tag = checkpoint_name(self.step)
+        directory = self.run.checkpoint(self.step)
         if self.rank == 0 and directory.exists():  # the same step saved again after a resume: no stale files
             shutil.rmtree(directory)
         dist.barrier()
@@ -338,29 +337,11 @@ class Trainer:
                     "trainable_parameters": self.trainable_parameters}
             write_model_files(directory, state, self.config, self.dataset.vocab, meta)
         dist.barrier()  # every rank's files are on disk: the checkpoint is complete
-        if self.rank == 0:
-            write_manifest(directory)
-            atomic_write_text(self.out / "latest", tag + "\n")
-            self._prune()
-            plot_losses(self.out / "log.jsonl", self.out / "loss.png")
+        if self.rank == 0:  # files.json, latest, then keep the newest checkpoints either resume path can use
+            commit_checkpoint(directory, self.config.train.keep_checkpoints, RESUME_FILES, DEEPSPEED_FILES)
+            plot_losses(self.run.log, self.out / "loss.png")
         dist.barrier()
         return directory
-
-    def _prune(self) -> None:
-        """Keep the newest keep_checkpoints checkpoints that either resume path can use; delete the rest."""
-        prune_checkpoints(self.out / CHECKPOINT_DIR, self.config.train.keep_checkpoints, RESUME_FILES, DEEPSPEED_FILES)
-
-    def _truncate_log(self, step: int) -> None:
-        path = self.out / "log.jsonl"
-        if path.exists():
-            kept = []
-            for line in path.read_text().splitlines(keepends=True):
-                try:
-                    if line.endswith("\n") and json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line torn by the interruption
-            atomic_write_text(path, "".join(kept))
 
     # -- training -----------------------------------------------------------------------------------------------
     @property
@@ -410,8 +391,8 @@ class Trainer:
         if self.world_size > 1:
             dist.all_reduce(bad)
         if bad.item() > 0:
-            latest = self.out / "latest"
-            kept = self.out / CHECKPOINT_DIR / latest.read_text().strip() if latest.is_file() else "none (no checkpoint yet)"
+            latest = latest_text(self.out)
+            kept = self.run.checkpoints / latest if latest is not None else "none (no checkpoint yet)"
             raise TrainingDiverged(f"{what} is not finite at step {self.step + 1}; stopping without saving this "
                                    f"step. Last good checkpoint: {kept}. Lower train.lr, raise model.z_loss_weight, "
                                    "or enable model.qk_norm.")
@@ -461,15 +442,15 @@ class Trainer:
         record = {"step": self.step, **self._reduce(window)}
         norm = self.engine.get_global_grad_norm()
         record["grad_norm"] = None if norm is None else float(norm)
-        record["lr"] = self.config.train.lr * learning_rate_factor(self.step - 1, self.config)  # of the step just taken
+        # of the step just taken; train.lr * factor, as LambdaLR computes it (not Schedule.lr's order of operations)
+        record["lr"] = self.config.train.lr * learning_rate_factor(self.step - 1, self.config)
         tokens_per_second = window.steps * self.tokens_per_step / window.seconds
         record["tokens_per_s"] = round(tokens_per_second, 1)
         record["mfu"] = (self.flops_per_token * tokens_per_second / (self.peak_flops * self.world_size)
                          if self.peak_flops else None)
         record.update(self._layer_stats(window))
         if self.rank == 0:
-            with open(self.out / "log.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self.run.append_log(record)
             image = f"{record['image_loss']:.3f}" if record["image_loss"] is not None else "-"
             text = f"{record['text_loss']:.3f}" if record["text_loss"] is not None else "-"
             mfu = f" mfu {100 * record['mfu']:.1f}%" if record["mfu"] else ""

@@ -25,11 +25,10 @@ Run and checkpoint layout (written by unified_lm/train/encoder.py, read by `load
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 
 from runkit.checkpoints import WRONG_KIND, build_with_weights, config_kind, resolve_checkpoint
 from runkit.files import read_json
-from runkit.typed_config import apply_overrides, build_dataclass, out_of_bounds
+from runkit.typed_config import TypedConfig, out_of_bounds
 from unified_lm.tokens.vocab import Vocabulary
 from unified_lm.vision.encoder import Block, VisionConfig, VisionEncoder, check_vision, init_weights
 from unified_lm.vision.losses import info_nce_loss, sigmoid_loss
@@ -47,7 +46,6 @@ from vqtok.images import load_rgb, preprocess
 
 LOSSES = ("siglip", "infonce")
 MAX_TEMPERATURE = 100.0  # CLIP clips t at 100 so the InfoNCE logits cannot grow without bound
-CHECKPOINT_DIR = "checkpoints"
 
 
 # -----------------------------------------------------------------------------
@@ -86,7 +84,7 @@ class EncoderTrainConfig:
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(TypedConfig):
     name: str = "small"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -94,19 +92,7 @@ class EncoderConfig:
     loss: str = "siglip"  # "siglip" | "infonce"
     train: EncoderTrainConfig = field(default_factory=EncoderTrainConfig)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> EncoderConfig:
-        return build_dataclass(cls, data, "encoder config")
-
-    def with_overrides(self, overrides: dict) -> EncoderConfig:
-        """{"vision.width": 256, "train": {"lr": 3e-4}} -> a new config; unknown keys raise ValueError."""
-        return EncoderConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+    CONFIG_NAME = "encoder config"  # errors name "encoder config.FIELD" (TypedConfig: to_dict, to_json, from_dict, ...)
 
     def for_vocabulary(self, vocab: Vocabulary) -> EncoderConfig:
         """Fill text.vocab_size and text.pad_id from the vocabulary; refuse values that contradict it."""
