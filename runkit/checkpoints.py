@@ -1,20 +1,18 @@
 """Checkpoints of every trainer: safetensors + JSON only (nothing is unpickled), written atomically.
 
-Layout of a run directory:
+Layout of a run directory (each trainer adds its own files to a checkpoint: see vqtok/checkpoint.py,
+unified_lm/train/trainer.py, unified_lm/train/encoder.py):
 
-    RUN/latest                          text file naming the newest complete checkpoint directory
+    RUN/latest                  text file naming the newest complete checkpoint (runs.py: both formats read)
     RUN/checkpoints/step_00001500/
-        model.safetensors               tokenizer weights and quantizer buffers (all `vqtok decode/encode` needs)
-        config.json                     the full VQConfig
-        meta.json                       step, tokenizer identity (name, codebook size, weights sha256), metrics
-        trainer.safetensors             optimizer moments, discriminator, RNG states, usage window (resume only)
-        trainer.json                    optimizer param-group settings and the structure of trainer.safetensors
-        files.json                      every file above with its size, written last
+        model.safetensors, config.json, meta.json, ...   the trainer's files
+        files.json                                       every file above with its size, written last
 
-A checkpoint is written into `step_X.tmp/` and renamed into place, then `latest` is replaced atomically, so a
-crash at any moment leaves the previous checkpoint intact and `latest` never points at a partial one. A checkpoint
-damaged afterwards (a file lost or truncated: files.json says so) or a `latest` naming nothing usable is skipped
-with a message for the newest complete checkpoint; pruning never keeps a damaged checkpoint over a good one.
+A checkpoint is written into `step_X.tmp/` (`staging_dir`) and renamed into place, then `latest` is replaced
+atomically (`commit_checkpoint`), so a crash at any moment leaves the previous checkpoint intact and `latest`
+never points at a partial one. A checkpoint damaged afterwards (a file lost or truncated: files.json says so) or
+a `latest` naming nothing usable is skipped with a message for the newest complete checkpoint
+(`choose_checkpoint`); pruning never keeps a damaged checkpoint over a good one.
 """
 from __future__ import annotations
 

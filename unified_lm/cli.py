@@ -129,6 +129,39 @@ def sampling_config(args):
         "guidance": {"mode": args.cfg, "scale": args.cfg_scale, "image_scale": args.cfg_image_scale}})
 
 
+def sampling_tokenizer(args, loaded, mode: str):
+    """The vqtok tokenizer `sample` encodes and decodes pictures with (--tokenizer, else the one an imported
+    checkpoint carries), checked against the checkpoint's vocabulary; None where no picture needs codes."""
+    from unified_lm.model.checkpoint import tokenizer_path
+
+    if not args.tokenizer and tokenizer_path(loaded):
+        args.tokenizer = str(tokenizer_path(loaded))
+    if args.tokenizer:
+        from vqtok.checkpoint import load_tokenizer
+
+        tokenizer, meta = load_tokenizer(args.tokenizer, args.device)
+        loaded.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {args.tokenizer}")
+        return tokenizer
+    if mode in ("interleaved", "image") or (args.image and args.pictures == "discrete"):
+        raise ValueError(f"mode {mode!r} needs the vqtok tokenizer the checkpoint's vocabulary was built for "
+                         "(--tokenizer VQRUN) to turn pictures into codes and back")
+    return None
+
+
+def stream_to_stderr(with_text: bool):
+    """`sample --stream`'s event handler: the text as it is drawn (one document at a time only), a mark for each
+    picture."""
+    def stream(event):
+        if event.kind == "token" and event.text and with_text:
+            print(event.text, end="", flush=True, file=sys.stderr)
+        elif event.kind == "segment" and event.modality == "image":
+            print(f" [picture {event.segment.codes.shape[0]}x{event.segment.codes.shape[1]}] ", end="",
+                  flush=True, file=sys.stderr)
+        elif event.kind == "done" and with_text:
+            print(file=sys.stderr)
+    return stream
+
+
 def cmd_sample(args) -> int:
     import time
     from pathlib import Path
@@ -138,7 +171,7 @@ def cmd_sample(args) -> int:
     from unified_lm.generate.prompts import build_prompts, read_prompt_file
     from unified_lm.generate.render import write_documents
     from unified_lm.generate.sampler import Sampler
-    from unified_lm.model.checkpoint import load_model, tokenizer_path
+    from unified_lm.model.checkpoint import load_model
 
     config = sampling_config(args)
     if not args.prompt and not args.prompts:
@@ -148,17 +181,7 @@ def cmd_sample(args) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     loaded = load_model(args.ckpt, args.device, dtype)
     grid = image_grid_of(loaded, args.image_grid)
-    tokenizer = None
-    if not args.tokenizer and tokenizer_path(loaded):  # an imported checkpoint carries its tokenizer
-        args.tokenizer = str(tokenizer_path(loaded))
-    if args.tokenizer:
-        from vqtok.checkpoint import load_tokenizer
-
-        tokenizer, meta = load_tokenizer(args.tokenizer, args.device)
-        loaded.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {args.tokenizer}")
-    elif config.mode in ("interleaved", "image") or (args.image and args.pictures == "discrete"):
-        raise ValueError(f"mode {config.mode!r} needs the vqtok tokenizer the checkpoint's vocabulary was built for "
-                         "(--tokenizer VQRUN) to turn pictures into codes and back")
+    tokenizer = sampling_tokenizer(args, loaded, config.mode)
     continuous_size = None
     if args.pictures == "continuous":
         if loaded.model.picture_adapter is None:
@@ -174,16 +197,7 @@ def cmd_sample(args) -> int:
     for number, prompt in enumerate(prompts):  # without its own seed, each copy draws from seed + its index
         prompt.seed = config.seed + number if prompt.seed is None else prompt.seed
     sampler = Sampler(loaded.model, loaded.vocab, grid, compile=args.compile)
-    stream = None
-    if args.stream:
-        def stream(event):
-            if event.kind == "token" and event.text and args.batch_size == 1:
-                print(event.text, end="", flush=True, file=sys.stderr)
-            elif event.kind == "segment" and event.modality == "image":
-                print(f" [picture {event.segment.codes.shape[0]}x{event.segment.codes.shape[1]}] ", end="",
-                      flush=True, file=sys.stderr)
-            elif event.kind == "done" and args.batch_size == 1:
-                print(file=sys.stderr)
+    stream = stream_to_stderr(args.batch_size == 1) if args.stream else None
     documents = []
     start = time.perf_counter()
     for first in range(0, len(prompts), args.batch_size):

@@ -117,7 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqtok", description="VQ image tokenizer: train, encode, decode, eval.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in (add_train_command, add_encode_command, add_decode_command, add_eval_command,
+                        add_convert_chameleon_command):
+        add_command(sub)
+    return parser
 
+
+def add_train_command(sub) -> None:
+    """`train`: a tokenizer from image folders."""
     train = sub.add_parser("train", help="train a tokenizer")
     train.add_argument("--config", default="small", help="preset (chameleon, small, tiny) or JSON file")
     train.add_argument("--data", action="append", metavar="DIR[@RES]",
@@ -135,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device")
     train.set_defaults(func=cmd_train)
 
+
+def add_encode_command(sub) -> None:
+    """`encode`: images -> a token store."""
     encode = sub.add_parser("encode", help="images -> token store")
     encode.add_argument("images", help="image folder (recursive) or one image")
     encode.add_argument("--ckpt", required=True, help="tokenizer run or checkpoint directory")
@@ -146,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--quiet", action="store_true")
     encode.set_defaults(func=cmd_encode)
 
+
+def add_decode_command(sub) -> None:
+    """`decode`: a token store -> PNGs."""
     decode = sub.add_parser("decode", help="token store -> PNGs")
     decode.add_argument("tokens", help="token store directory")
     decode.add_argument("--ckpt", required=True)
@@ -157,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--quiet", action="store_true")
     decode.set_defaults(func=cmd_decode)
 
+
+def add_eval_command(sub) -> None:
+    """`eval`: reconstruction, usage and code stability."""
     evaluate = sub.add_parser("eval", help="PSNR / SSIM / codebook usage / code stability / LPIPS on held-out images")
     evaluate.add_argument("--ckpt", required=True)
     evaluate.add_argument("--data", help="image folder; default: the embedded held-out photos")
@@ -170,13 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def add_convert_chameleon_command(sub) -> None:
+    """`convert-chameleon`: Chameleon's image tokenizer -> a vqtok checkpoint."""
     convert = sub.add_parser("convert-chameleon", help="Chameleon's image tokenizer -> a vqtok checkpoint")
     convert.add_argument("--hf", help="transformers Chameleon checkpoint directory (encoder + codebook)")
     convert.add_argument("--meta", help="Meta's VQGAN weights, vqgan.ckpt or .safetensors (encoder, codebook, decoder)")
     convert.add_argument("--resolution", type=int, help="picture side the tokenizer expects (default: the checkpoint's, 512)")
     convert.add_argument("--out", required=True)
     convert.set_defaults(func=cmd_convert_chameleon)
-    return parser
 
 
 def cmd_convert_chameleon(args) -> int:

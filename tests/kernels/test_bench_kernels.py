@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_bench_kernels_small_runs_every_section_and_agrees(tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts/bench_kernels.py"), "--small", "--out", str(tmp_path)],
                    check=True, cwd=REPO, capture_output=True, text=True, timeout=600)

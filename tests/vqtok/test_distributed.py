@@ -26,6 +26,7 @@ def torchrun(*argv, timeout=300):
     return result
 
 
+@pytest.mark.slow
 def test_ddp_training_two_processes(tmp_path, image_folder):
     run = tmp_path / "run"
     result = torchrun("train", "--config", "tiny", "--data", image_folder, "--steps", 6, "--batch-size", 2,
@@ -38,6 +39,7 @@ def test_ddp_training_two_processes(tmp_path, image_folder):
     assert rows[-1]["usage_window_tokens"] == 6 * 2 * 2 * 256  # indices gathered from both ranks
 
 
+@pytest.mark.slow
 def test_encode_two_processes_one_manifest(tmp_path, tiny_run, image_folder):
     tokens = tmp_path / "tokens"
     result = torchrun("encode", image_folder, "--ckpt", tiny_run, "--out", tokens, "--batch-size", 4, "--quiet")

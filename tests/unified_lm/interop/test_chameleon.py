@@ -339,6 +339,7 @@ def test_sampler_draws_with_the_checkpoints_image_ids(converted, tmp_path):
         assert set(ids[1:-1].tolist()) <= set(vocab.image_token_ids.tolist())
 
 
+@pytest.mark.slow
 def test_imported_checkpoint_fine_tunes(converted, lm_data, tmp_path, train_unified):
     """The fine-tuning path: pack world documents with the imported vocabulary and tokenizer, then train a few
     DeepSpeed steps starting from the imported weights."""
@@ -419,6 +420,7 @@ def test_bad_checkpoints_are_refused_by_name(converted, tmp_path):
     assert unified_main(["import-chameleon", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs_small(tmp_path):
     import subprocess
     import sys
