@@ -86,7 +86,9 @@ class ClassifierFreeGuidance:
     def __call__(self, logits: torch.Tensor, step: StepView) -> torch.Tensor:
         if self.guidance.mode == "none" or not step.any_image:  # guidance rows are stale while no row draws
             return logits
-        every_context = torch.cat([logits, step.raw[logits.shape[0]:]])
+        # guidance runs first, so its input is normally step.raw's first block itself: mix step.raw without a copy
+        same = logits.data_ptr() == step.raw.data_ptr()
+        every_context = step.raw if same else torch.cat([logits, step.raw[logits.shape[0]:]])
         return torch.where(step.in_image[:, None], guided_logits(every_context, self.guidance), logits)
 
 

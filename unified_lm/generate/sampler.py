@@ -221,10 +221,8 @@ class Sampler:
             raise ValueError(f"model vocab_size {model.config.vocab_size} does not match the vocabulary ({vocab.size} ids)")
         self.model, self.vocab = model.eval(), vocab
         self.image_grid = tuple(image_grid) if image_grid is not None else None
-        positions = model.config.image_positions
-        if positions and self.image_grid is not None and self.grid_tokens > positions:
-            raise ValueError(f"a {self.image_grid[0]}x{self.image_grid[1]} picture has {self.grid_tokens} codes, but the "
-                             f"model has image position embeddings for {positions}")
+        if self.image_grid is not None:
+            model.config.check_picture_grid(*self.image_grid, "the sampler's picture grid")
         self.device = next(model.parameters()).device
         self.static = compile or (self.device.type == "cuda" if static is None else static)
         self.compile = compile

@@ -68,6 +68,14 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         return self.ffn_hidden or 64 * -(-(8 * self.dim // 3) // 64)
 
+    def check_picture_grid(self, height: int, width: int, where: str) -> None:
+        """A picture of height x width codes needs an image position embedding per code (when the model has
+        them): ValueError naming `where` otherwise."""
+        codes = height * width
+        if self.image_positions and codes > self.image_positions:
+            raise ValueError(f"{where}: a {height}x{width} picture has {codes} codes but model.image_positions is "
+                             f"{self.image_positions}; raise it to at least {codes}")
+
 
 @dataclass
 class TrainConfig:

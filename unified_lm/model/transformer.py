@@ -122,7 +122,8 @@ class KVCache:
         return self.key_valid.shape[1]
 
     def head(self, rows: int) -> KVCache:
-        """A view of the first `rows` rows sharing this cache's storage (its `length` must be copied back).
+        """A view of the first `rows` rows sharing this cache's storage; its `length` is a copy (`advance` this
+        cache by the slots a decode through the view took).
 
         The sampler decodes only the full-context rows while no guidance row has a token to take; the slots the
         other rows skip stay invalid (key_valid False) and are never attended to."""
@@ -158,10 +159,8 @@ class KVCache:
             self.key_valid.index_copy_(1, slot.view(1), valid)
             return slot, cached_attention_mask(slot, 1, self.key_valid)
         start = self.length
-        if start + length > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} slots; {start} used, {length} more requested")
+        self.advance(length)
         self.key_valid[:, start : start + length] = valid
-        self.length = start + length
         return start, cached_attention_mask(start, length, self.key_valid[:, : start + length])
 
 

@@ -45,7 +45,7 @@ from runkit.optim import decay_groups, weight_ids
 from runkit.runs import CHECKPOINT_DIR, RunDirectory, checkpoint_name, latest_text
 from runkit.schedules import Schedule
 from unified_lm.data.packing import PackedDataset, batch_indices
-from unified_lm.model.checkpoint import write_model_files
+from unified_lm.model.checkpoint import parse_grid, write_model_files
 from unified_lm.model.config import UnifiedConfig
 from unified_lm.model.transformer import ModelOutput, OutputHead, UnifiedTransformer
 from unified_lm.train.engine import build_model, micro_batch_loss, parameter_count, wrap, zero_stage
@@ -164,12 +164,8 @@ def check_pictures(model: UnifiedTransformer, dataset: PackedDataset) -> None:
     """Pictures must fit the model: a continuous-path dataset holds `placeholders` <image> tokens per picture, which
     the model's encoder and pooling must give exactly at the dataset's picture size; image codes need an image
     position embedding each (model.image_positions), when the model has them."""
-    positions = model.config.image_positions
     for grid in dataset.info.get("image_grids") or {}:
-        height, width = map(int, grid.split("x"))
-        if positions and height * width > positions:
-            raise ValueError(f"{dataset.root} holds {grid} pictures ({height * width} codes) but model.image_positions "
-                             f"is {positions}; raise it to at least {height * width}")
+        model.config.check_picture_grid(*parse_grid(grid), f"{dataset.root} holds {grid} pictures")
     pictures = dataset.pictures
     if not pictures:
         return
