@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 
 from runkit.files import atomic_write_text, confined, load_tensors, read_json, tensor_shapes
-from runkit.runs import CHECKPOINT_DIR, checkpoint_name, read_latest, write_latest  # noqa: F401 (re-exported)
+from runkit.runs import CHECKPOINT_DIR, checkpoint_name, read_latest, write_latest
 
 log = logging.getLogger(__name__)
 
-# CHECKPOINT_DIR and read_latest (runkit.runs) are also imported from here, where they lived before runkit.runs.
 MANIFEST = "files.json"
 # what a model checkpoint holds at least (the default of `resolve_checkpoint`)
 WEIGHT_FILES = ("model.safetensors", "config.json", "meta.json")

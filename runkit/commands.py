@@ -1,6 +1,9 @@
 """What every command line of the project shares at its boundary: a failure becomes one line."""
 from __future__ import annotations
 
+import sys
+import traceback
+
 
 def error_line(err: BaseException) -> str:
     """One line for a failure at the command boundary. Bad input is refused by checks that name the file or
@@ -13,3 +16,12 @@ def error_line(err: BaseException) -> str:
         return text
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"{type(err).__name__}: {first}"
+
+
+def failed(err: BaseException, verbose: bool = False, label: str = "") -> int:
+    """The command's answer to bad input: `LABELerror: <one line>` on stderr (and the traceback when verbose);
+    returns exit status 2."""
+    print(f"{label}error: {error_line(err)}", file=sys.stderr, flush=True)
+    if verbose:
+        traceback.print_exc()
+    return 2

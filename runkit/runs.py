@@ -64,6 +64,29 @@ def append_log(path: str | os.PathLike, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def _log_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each row of the log: a complete line (ending in a newline) holding a JSON object with a
+    numeric "step". What is not a row is skipped (see `truncate_log`)."""
+    rows = []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            rows.append((line, record))
+    return rows
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The log's rows, in order ([] without the file); a torn last line of a run that was interrupted is left
+    out, as `truncate_log` leaves it out."""
+    path = Path(path)
+    return [record for _, record in _log_rows(path)] if path.exists() else []
+
+
 def truncate_log(path: str | os.PathLike, step: int) -> None:
     """Keep the rows of the log written up to `step` (the checkpoint a run resumes from), so that no step is
     logged twice once the resumed run logs the steps after it. Rewritten atomically; a missing log is left so.
@@ -75,14 +98,7 @@ def truncate_log(path: str | os.PathLike, step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if line.endswith("\n") and json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    atomic_write_text(path, "".join(kept))
+    atomic_write_text(path, "".join(line for line, record in _log_rows(path) if record["step"] <= step))
 
 
 # -- the directory ------------------------------------------------------------------------------------------------

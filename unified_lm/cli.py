@@ -348,8 +348,6 @@ def cmd_chameleon(args) -> int:
     return 0
 
 
-# One flat declaration of every command and flag (~180 lines), read top to bottom like the --help it prints:
-# splitting it into per-command functions would add indirection, not clarity. Issue 18 moves it into cli/.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unified-lm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -559,17 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from runkit.commands import error_line
+    from runkit.commands import failed
 
     try:
         return args.run(args)
     except (ValueError, OSError, KeyError, MemoryError, RuntimeError) as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        return 2
+        return failed(err, args.verbose)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, VQConfig, dict]:
-    directory = resolve_checkpoint(path)
+    directory = resolve_checkpoint(path, TOKENIZER_FILES, "vqtok")
     data = read_json(directory / "config.json", what="checkpoint config")
     if config_kind(data) in ("unified_lm", "encoder"):
         raise ValueError(f"{directory} is {WRONG_KIND[config_kind(data)]}, not a vqtok tokenizer; give the image "

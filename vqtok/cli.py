@@ -18,10 +18,9 @@ import argparse
 import json
 import logging
 import sys
-import traceback
 from pathlib import Path
 
-from runkit.commands import error_line
+from runkit.commands import failed
 
 log = logging.getLogger("vqtok")
 
@@ -214,10 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError, MemoryError, RuntimeError) as err:
-        print(f"vqtok {args.command}: error: {error_line(err)}", file=sys.stderr)
-        if args.verbose:
-            traceback.print_exc()
-        return 2
+        return failed(err, args.verbose, f"vqtok {args.command}: ")
     finally:
         teardown_distributed()
 

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from runkit.files import atomic_write_text
-from unified_lm.train.plot import CURVES, draw_score_bars, draw_series, plot_training_curves, plt, read_log, save_figure
+from runkit.runs import LOG, read_log
+from unified_lm.train.plot import CURVES, draw_score_bars, draw_series, plot_training_curves, plt, save_figure
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
@@ -179,7 +180,8 @@ def write_report(eval_dir: str | os.PathLike, run_dir: str | os.PathLike | None 
     eval_dir = Path(eval_dir)
     report = json.loads((eval_dir / "eval.json").read_text())
     results, examples = report["results"], report["examples"]
-    curves = plot_training_curves(Path(run_dir) / "log.jsonl", eval_dir / "curves") if run_dir else {}
+    log = read_log(Path(run_dir) / LOG) if run_dir else []
+    curves = plot_training_curves(log, eval_dir / "curves") if run_dir else {}
     facts = {"checkpoint": report["checkpoint"], "picture grid": "x".join(map(str, report["grid"])),
              "evaluation seconds": f"{sum(report['seconds'].values()):.0f}", **(facts or {})}
     body = [f"<h1>{html.escape(title)}</h1><table>"
@@ -207,7 +209,7 @@ def write_report(eval_dir: str | os.PathLike, run_dir: str | os.PathLike | None 
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
     out = eval_dir / "index.html"
     atomic_write_text(out, page)
-    summary_picture(eval_dir, report, read_log(Path(run_dir) / "log.jsonl") if run_dir else [])
+    summary_picture(eval_dir, report, log)
     return out
 
 

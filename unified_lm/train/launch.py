@@ -19,17 +19,19 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from runkit.commands import error_line
+from runkit.commands import failed
+from runkit.distributed import teardown_distributed
 from runkit.files import atomic_write_text, read_json
 from runkit.runs import RunDirectory
-from runkit.typed_config import parse_overrides
+from runkit.typed_config import changed_fields, parse_overrides
 from unified_lm.data.packing import PackedDataset
 from unified_lm.model.config import UnifiedConfig, load_config
 from unified_lm.tokens.vocab import Vocabulary
 
-BAD_INPUT = (ValueError, OSError, KeyError, MemoryError, RuntimeError)  # one line, exit 2 (see vqtok.cli.error_line)
+BAD_INPUT = (ValueError, OSError, KeyError, MemoryError, RuntimeError)  # one line, exit 2 (see runkit.commands.error_line)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,8 +61,6 @@ def fill_picture_encoder(config: UnifiedConfig) -> None:
     train.init_from's config (a stage-1 run), so the model can be rebuilt from its checkpoint alone."""
     picture = config.model.picture
     if config.train.encoder_run:
-        from dataclasses import asdict
-
         from unified_lm.vision.contrastive import read_encoder_config, resolve_encoder
 
         vision = asdict(read_encoder_config(resolve_encoder(config.train.encoder_run)).vision)
@@ -101,19 +101,9 @@ def build_config(args: argparse.Namespace, dataset: PackedDataset, out: Path) ->
     if args.resume and saved.is_file():
         previous = UnifiedConfig.from_dict(read_json(saved))
         if previous.model != config.model:
-            changed = [k for k in config.model.__dataclass_fields__
-                       if getattr(previous.model, k) != getattr(config.model, k)]
+            changed = changed_fields(asdict(previous.model), asdict(config.model))
             raise ValueError(f"--resume: the model config differs from the run's {saved} in {changed}")
     return config
-
-
-def fail(err: BaseException, verbose: bool = False) -> int:
-    print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
-    if verbose:
-        import traceback
-
-        traceback.print_exc()
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args, dataset, out)
         RunDirectory(out).refuse_to_overwrite(args.resume, args.restart)
     except BAD_INPUT as err:
-        return fail(err)
+        return failed(err)
     ensure_launch_env()
     rank = int(os.environ["RANK"])
     if args.restart and rank == 0:
@@ -137,14 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(config, dataset, out, args.deepspeed_config, args.device)
     except BAD_INPUT as err:
-        return fail(err)
+        return failed(err)
     try:
         return resume_and_train(trainer, args, rank)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed()
 
 
 def resume_and_train(trainer, args: argparse.Namespace, rank: int) -> int:
@@ -159,7 +146,7 @@ def resume_and_train(trainer, args: argparse.Namespace, rank: int) -> int:
                 print(f"[train] resumed {out} at step {trainer.step} from {trainer.resumed_from.name} ({source})",
                       flush=True)
         except BAD_INPUT as err:
-            return fail(err)
+            return failed(err)
         if rank == 0:
             atomic_write_text(out / "config.json", config.to_json())
             dataset.vocab.save(out / "vocab")
@@ -178,7 +165,7 @@ def resume_and_train(trainer, args: argparse.Namespace, rank: int) -> int:
         print(f"error: training diverged: {err}", file=sys.stderr, flush=True)
         return 3
     except (ValueError, OSError, KeyError, MemoryError) as err:  # a damaged dataset row, a full disk, ...
-        return fail(err)
+        return failed(err)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ legend, and is written atomically.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
+
+from runkit.runs import read_log  # noqa: E402
 
 # (log key, legend label, colour)
 LOSS_SERIES = (("loss", "total", "#222222"), ("text_loss", "text targets", "#1f77b4"),
@@ -26,13 +27,6 @@ CURVES = {  # file stem -> (y-axis label, series)
 }
 # bar colours of the columns of a scores plot, baselines muted
 COLUMN_COLOURS = {"trained": "#1f77b4", "before_training": "#bbbbbb", "chance": "#ff9f40", "ceiling": "#2ca02c"}
-
-
-def read_log(log_path: str | os.PathLike) -> list[dict]:
-    log_path = Path(log_path)
-    if not log_path.exists():
-        return []
-    return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
 
 
 def save_figure(figure, out: str | os.PathLike) -> Path:
@@ -80,9 +74,9 @@ def plot_losses(log_path: str | os.PathLike, out: str | os.PathLike) -> Path | N
     return plot_series(read_log(log_path), series, out, ylabel, "training loss")
 
 
-def plot_training_curves(log_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """OUT_DIR/{loss,z_loss,log_z}.png from a training log.jsonl; returns the ones drawn."""
-    records = read_log(log_path)
+def plot_training_curves(records: list[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """OUT_DIR/{loss,z_loss,log_z}.png from a training log's records (`runkit.runs.read_log`); returns the ones
+    drawn."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     drawn = {name: plot_series(records, series, Path(out_dir) / f"{name}.png", ylabel)
              for name, (ylabel, series) in CURVES.items()}

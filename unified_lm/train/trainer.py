@@ -42,14 +42,13 @@ from runkit.checkpoints import checkpoint_dirs, checkpoint_problem, commit_check
 from runkit.distributed import free_port
 from runkit.files import read_json
 from runkit.optim import decay_groups, weight_ids
-from runkit.runs import CHECKPOINT_DIR, RunDirectory, checkpoint_name, latest_text
+from runkit.runs import RunDirectory, latest_text
 from runkit.schedules import Schedule
 from unified_lm.data.packing import PackedDataset, batch_indices
 from unified_lm.model.checkpoint import parse_grid, write_model_files
 from unified_lm.model.config import UnifiedConfig
 from unified_lm.model.transformer import ModelOutput, OutputHead, UnifiedTransformer
 from unified_lm.train.engine import build_model, micro_batch_loss, parameter_count, wrap, zero_stage
-from unified_lm.train.plot import plot_losses
 from unified_lm.train.resume import check_storable, check_written_by_you, load_resume_state, save_resume_state
 
 log = logging.getLogger("unified_lm")
@@ -211,6 +210,7 @@ class Trainer:
     def __init__(self, config: UnifiedConfig, dataset: PackedDataset, out: str | os.PathLike,
                  deepspeed_config: str | None, device: str | None = None):
         self.config, self.dataset, self.out = config, dataset, Path(out)
+        self.run = RunDirectory(self.out)
         on_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
         # the DeepSpeed file is checked before any process group exists: a bad one fails fast, on every rank
         self.ds_config = resolve_deepspeed_config(deepspeed_config, config, int(os.environ["WORLD_SIZE"]), on_cuda)
@@ -266,10 +266,6 @@ class Trainer:
                 "grad_accum_steps": train.grad_accum_steps, "seed": train.seed, **self.dataset.identity}
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    @property
-    def run(self) -> RunDirectory:
-        return RunDirectory(self.out)
-
     def resume(self, trust_deepspeed: bool = False) -> bool:
         """Continue from the run's checkpoint: the one RUN/latest names, or, when that one is incomplete or
         damaged, the newest complete one (with a message). Reads the run's own resume state (resume.py; nothing
@@ -282,7 +278,7 @@ class Trainer:
             return False
         if trust_deepspeed:
             check_written_by_you(directory)
-            load_path, saved = self.engine.load_checkpoint(str(self.out / CHECKPOINT_DIR), tag=directory.name)
+            load_path, saved = self.engine.load_checkpoint(str(self.run.checkpoints), tag=directory.name)
             if load_path is None:
                 raise FileNotFoundError(f"DeepSpeed could not load {directory}")
         else:
@@ -313,13 +309,12 @@ class Trainer:
         return ""
 
     def save(self) -> Path:
-        tag = checkpoint_name(self.step)
         directory = self.run.checkpoint(self.step)
         if self.rank == 0 and directory.exists():  # the same step saved again after a resume: no stale files
             shutil.rmtree(directory)
         dist.barrier()
         progress = {"step": self.step, "data_order": self.data_order}
-        self.engine.save_checkpoint(str(self.out / CHECKPOINT_DIR), tag=tag, save_latest=False, client_state=progress)
+        self.engine.save_checkpoint(str(self.run.checkpoints), tag=directory.name, save_latest=False, client_state=progress)
         save_resume_state(self.engine, directory, self.rank, self.world_size, self.zero_stage, progress)
         if self.zero_stage == 3:  # every rank takes part in gathering the partitions
             state = self.engine._zero3_consolidated_16bit_state_dict()
@@ -335,6 +330,8 @@ class Trainer:
         dist.barrier()  # every rank's files are on disk: the checkpoint is complete
         if self.rank == 0:  # files.json, latest, then keep the newest checkpoints either resume path can use
             commit_checkpoint(directory, self.config.train.keep_checkpoints, RESUME_FILES, DEEPSPEED_FILES)
+            from unified_lm.train.plot import plot_losses  # matplotlib: ~0.6 s of import, paid only at a checkpoint
+
             plot_losses(self.run.log, self.out / "loss.png")
         dist.barrier()
         return directory
