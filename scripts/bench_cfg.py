@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer, meta = load_tokenizer(args.tokenizer, args.device)
     loaded.vocab.check_tokenizer(meta["tokenizer"], f"tokenizer {args.tokenizer}")
     settings = [("none", 1.0)] + [("2way", float(scale)) for scale in args.scales.split(",")]
+    captions = load_world_tasks(args.world, EvalSettings(count=args.count)).captions
     rows = []
     for guidance, scale in settings:
         config = EvalSettings(count=args.count, guidance=guidance, guidance_scale=scale, baselines=False)
-        captions = load_world_tasks(args.world, config).captions
         start = time.perf_counter()
         evaluator = Evaluator(loaded.model, loaded.vocab, tokenizer, loaded.image_grid, config)
         result, chance = evaluator.text_to_image(captions)

@@ -358,6 +358,7 @@ def run(out: Path, preset: Preset) -> dict:
                           preset.text_documents, "--out", out / "packed"], unified_lm, "unified-lm")
     train_lm(out, preset)
     encoder = start_encoder(out, preset)
+    threads = torch.get_num_threads()
     if encoder is not None:  # leave the other core to it
         torch.set_num_threads(1)
     pages = sample_documents(out, preset)
@@ -366,7 +367,7 @@ def run(out: Path, preset: Preset) -> dict:
                        "--photos", out / "photos" / "heldout", "--out", out / "eval", "--count", preset.eval_count,
                        "--stories", preset.eval_stories, "--text-documents", preset.eval_text_documents,
                        "--device", preset.device], unified_lm, "unified-lm")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     understanding_stages(out, preset, encoder)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "pages": pages}
