@@ -18,13 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from runkit.files import atomic_write_text  # noqa: E402
-from unified_lm.eval.evaluate import EvalSettings, Evaluator, load_world_tasks  # noqa: E402
+from unified_lm.eval.evaluate import EvalSettings, Evaluator, load_world_tasks, percent  # noqa: E402
 from unified_lm.model.checkpoint import load_model  # noqa: E402
 from vqtok.checkpoint import load_tokenizer  # noqa: E402
-
-
-def percent(metrics: dict, key: str) -> str:
-    return f"{100 * metrics[key]:.1f}% ± {100 * metrics[key + '_se']:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
              "seconds |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         name = "none" if row["guidance"] == "none" else f"2-way, scale {row['scale']:g}"
-        lines.append(f"| {name} | {percent(row, 'colour_shape')} | {percent(row, 'exact')} | "
-                     f"{100 * row['colour']:.1f}% | {100 * row['shape']:.1f}% | "
-                     f"{100 * row['chance_colour_shape']:.1f}% | {row['seconds']} |")
+        cells = [percent(row["colour_shape"], row["colour_shape_se"]), percent(row["exact"], row["exact_se"]),
+                 percent(row["colour"]), percent(row["shape"]), percent(row["chance_colour_shape"]), row["seconds"]]
+        lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
     atomic_write_text(out / "cfg_sweep.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -324,6 +324,12 @@ def with_error(name: str, values: list[float]) -> dict[str, float]:
     return {name: mean, f"{name}_se": error}
 
 
+def percent(value: float, error: float | None = None) -> str:
+    """A share as "81.2% ± 2.1" (± one standard error), or "81.2%" when the error is unknown or not finite."""
+    text = f"{100 * value:.1f}%"
+    return f"{text} ± {100 * error:.1f}" if error is not None and math.isfinite(error) else text
+
+
 def by_kind(values: list[float], kinds: list[str]) -> dict[str, float]:
     return {key: value for kind in sorted(set(kinds))
             for key, value in with_error(f"accuracy_{kind}", [v for v, k in zip(values, kinds) if k == kind]).items()}

@@ -21,6 +21,7 @@ from PIL import Image
 
 from runkit.files import atomic_write_text
 from runkit.runs import LOG, read_log
+from unified_lm.eval.evaluate import percent
 from unified_lm.train.plot import CURVES, draw_score_bars, draw_series, plot_training_curves, plt, save_figure
 
 STYLE = """
@@ -107,9 +108,7 @@ def _format(value, metric: str, error=None) -> str:
         return f"{value:.3f}"
     if metric in ("psnr", "perplexity", "bits_per_character") or metric in NATS:
         return f"{value:.2f}" if metric != "perplexity" else f"{value:,.1f}"
-    if error is not None and np.isfinite(error):
-        return f"{100 * value:.1f}% ± {100 * error:.1f}"
-    return f"{100 * value:.1f}%"
+    return percent(value, error)
 
 
 def metrics_table(results: dict) -> str:

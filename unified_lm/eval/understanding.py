@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from runkit.files import atomic_write_text
-from unified_lm.eval.evaluate import EvalSettings, Evaluator, held_out_texts, load_world_tasks
+from unified_lm.eval.evaluate import EvalSettings, Evaluator, held_out_texts, load_world_tasks, percent
 from unified_lm.model.checkpoint import load_model
 from unified_lm.world.corpus import read_documents, read_scenes
 
@@ -118,8 +118,7 @@ def comparison_table(report: dict) -> str:
             chance_cell = "-"
         else:
             errors = [models[n].get(task, {}).get(f"{metric}_se") for n in names]
-            cells = [("-" if v is None else f"{100 * v:.1f}%" + (f" ± {100 * e:.1f}" if e is not None and e == e else ""))
-                     for v, e in zip(values, errors)]
+            cells = ["-" if v is None else percent(v, e) for v, e in zip(values, errors)]
             chance_cell = f"{100 * chance:.1f}%" if chance is not None else "-"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {chance_cell} |")
     return "\n".join(lines)
